@@ -1,0 +1,132 @@
+"""Loading and saving checkpoints: validation, dtype, bitsandbytes, LoRA, merging.
+
+Every model the project loads goes through here so that the same rules hold
+everywhere: a local path must be a Hugging Face checkpoint (config.json),
+``trust_remote_code`` is off unless the recipe turns it on, weights come from
+safetensors, and a saved policy is a standalone checkpoint (LoRA merged) with
+tokenizer and chat template that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraConfig, QuantConfig
+from .errors import UserError
+from .io import atomic_dir, check_free_space, commit_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> str:
+    """Check a local checkpoint folder; hub names (``org/name``) pass through to transformers."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json); point to a folder made by "
+                            "save_pretrained or to a hub name")
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise UserError(f"{path}: no such checkpoint folder")
+    return path  # a hub name: transformers fetches it (users have the hub)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, require_chat_template: bool = True):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise UserError(f"{path}: the tokenizer has no chat template; add one (tokenizer.chat_template = ...) "
+                        "and save_pretrained, or start from a chat checkpoint")
+    return tok
+
+
+def quantization_config(quant: QuantConfig) -> Any:
+    if not (quant.load_in_4bit or quant.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                                  bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+                                  bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _common_kwargs(dtype: str, trust_remote_code: bool, quant: QuantConfig | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": None}
+    kw["dtype"] = DTYPES.get(dtype, "auto")
+    qc = quantization_config(quant) if quant is not None else None
+    if qc is not None:
+        kw["quantization_config"] = qc
+        if torch.cuda.is_available():
+            kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return kw
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   quant: QuantConfig | None = None):  # noqa: ANN201
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(path)
+    return AutoModelForCausalLM.from_pretrained(path, **_common_kwargs(dtype, trust_remote_code, quant))
+
+
+def load_reward_model(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                      quant: QuantConfig | None = None):  # noqa: ANN201
+    """A sequence classifier with one scalar output (the policy's LM head replaced by a regression head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, **_common_kwargs(dtype, trust_remote_code, quant))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str, quantized: bool = False):  # noqa: ANN001, ANN201
+    """Wrap ``model`` with peft LoRA adapters (after k-bit preparation for QLoRA)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=list(lora.target_modules), task_type=task_type,
+                         modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    return get_peft_model(model, cfg)
+
+
+def merged(model):  # noqa: ANN001, ANN201
+    """Merge LoRA adapters into the weights (no-op for plain models)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def estimate_bytes(model) -> int:  # noqa: ANN001
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save_checkpoint(model, tokenizer, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:  # noqa: ANN001
+    """Save a standalone checkpoint atomically (LoRA merged, safetensors, tokenizer with chat template)."""
+    out = Path(out)
+    model = merged(model)
+    check_free_space(out.parent, int(estimate_bytes(model) * 1.2) + (1 << 20), f"the checkpoint {out}")
+    tmp = atomic_dir(out)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    commit_dir(tmp, out)
+    return out

