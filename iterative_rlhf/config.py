@@ -10,6 +10,7 @@ from the command line (values are parsed as YAML: ``--set rs.n=16``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -178,10 +179,10 @@ class SFTConfig:
 
     init: Literal["base", "previous"] = opt("base", "Start each round from the base checkpoint (Llama 2) or "
                                             "from the previous round's policy.")
-    learning_rate: float = opt(2e-4, "Learning rate.", gt=0.0)
-    epochs: float = opt(2.0, "Epochs over the selected samples.", gt=0.0)
-    batch_size: int = opt(32, "Examples per optimiser step.", min=1)
-    per_device_batch_size: int = opt(32, "Examples per forward pass per device.", min=1)
+    learning_rate: float = opt(1e-3, "Learning rate (cosine schedule).", gt=0.0)
+    epochs: float = opt(3.0, "Epochs over the selected samples.", gt=0.0)
+    batch_size: int = opt(16, "Examples per optimiser step.", min=1)
+    per_device_batch_size: int = opt(16, "Examples per forward pass per device.", min=1)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
@@ -228,6 +229,8 @@ class CampaignConfig:
                                                "rs+ppo = PPO on top of each RS checkpoint.")
     ppo_from_round: int = opt(1, "First round that runs PPO in mode rs+ppo (Llama 2: after V4).", min=1)
     eval_samples: int = opt(2, "Samples per eval prompt in the reports.", min=1)
+    prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
+    eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")
     accelerate_config: str = opt("", "accelerate config file for the training stages (empty = one process).")
 
@@ -321,7 +324,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
-            near = [n for n in fields if n.startswith(str(k)[:3])]
+            near = difflib.get_close_matches(str(k), list(fields), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise ConfigError(f"{key}: unknown recipe key{hint}; see `iterative-rlhf config --fields`")
         kwargs[k] = _coerce(v, hints[k], key, dict(fields[k].metadata))

@@ -640,7 +640,8 @@ def _local_files(path: Path) -> list[Path]:
 
 def _looks_local(source: str) -> bool:
     lower = source.lower()
-    return (source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+    windows_path = os.sep != "/" and os.sep in source
+    return (source.startswith(("/", ".", "~")) or source.count("/") > 1 or windows_path
             or any(lower.endswith(ext) for ext in _EXTENSIONS))
 
 
@@ -847,7 +848,7 @@ def load_preferences_with_report(source: str, *, format: str = "auto", kind: str
         parts.append(out)
         reports.append(report)
         if remaining is not None:
-            remaining -= report.n_in
+            remaining -= min(remaining, len(job.ds))  # input rows read (n_in may count prompts)
             if remaining <= 0:
                 break
     if len(columns) > 1:

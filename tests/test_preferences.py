@@ -13,10 +13,22 @@ import pytest
 
 from iterative_rlhf import preferences as prefs
 from iterative_rlhf.errors import DataError, UserError
-from iterative_rlhf.preferences import (CANONICAL_COLUMNS, LEVELS, DroppedRow, RowError, hh_rlhf_split,
-                                        load_preferences, load_preferences_with_report, mix_for_rm,
-                                        pku_saferlhf_pair, pku_safety_level, score_gap_level, scores_pair,
-                                        split_train_test, write_preferences)
+from iterative_rlhf.preferences import (
+    CANONICAL_COLUMNS,
+    LEVELS,
+    DroppedRow,
+    RowError,
+    hh_rlhf_split,
+    load_preferences,
+    load_preferences_with_report,
+    mix_for_rm,
+    pku_saferlhf_pair,
+    pku_safety_level,
+    score_gap_level,
+    scores_pair,
+    split_train_test,
+    write_preferences,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preferences"
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +81,10 @@ def canonical_rows(n: int, *, safety: bool, tag: str) -> datasets.Dataset:
 
 def test_hh_split_multi_turn():
     shared = H + "Hi." + A + "Hello! How can I help?" + H + "How do I pick a lock?"
-    prompt, chosen, rejected = hh_rlhf_split(shared + A + " I can't help with that. ", shared + A + "Use a pick.")
-    assert prompt == "Human: Hi.\n\nAssistant: Hello! How can I help?\n\nHuman: How do I pick a lock?\n\nAssistant:"
+    prompt, chosen, rejected = hh_rlhf_split(shared + A + " I can't help with that. ",
+                                             shared + A + "Use a pick.")
+    assert prompt == ("Human: Hi.\n\nAssistant: Hello! How can I help?\n\n"
+                      "Human: How do I pick a lock?\n\nAssistant:")
     assert chosen == "I can't help with that."
     assert rejected == "Use a pick."
 
@@ -197,7 +211,8 @@ def test_pku_fixture_both_kinds():
 def test_pku_needs_kind_and_reports_bad_ids(tmp_path):
     with pytest.raises(UserError, match="kind='helpful'"):
         load_preferences(fx("pku-saferlhf-sample.jsonl"))
-    path = write_jsonl(tmp_path / "pku.jsonl", [pku_row(True, False, 0, 2), pku_row(True, False, 0, 2, better=7)])
+    rows = [pku_row(True, False, 0, 2), pku_row(True, False, 0, 2, better=7)]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
     with pytest.raises(DataError) as e:
         load_preferences(str(path), kind="helpful")
     msg = str(e.value)
@@ -239,7 +254,8 @@ def test_scores_fixtures():
     flat = load_preferences(fx("scores-flat.jsonl"), margin_scheme="large")
     assert flat["chosen"] == ["Rome.", "Blue."] and flat["margin"] == [3.0, 1.0]
     steer, report = load_preferences_with_report(fx("scores-helpsteer.jsonl"), kind="helpful")
-    assert report.unit == "prompts" and report.n_in == 3 and report.dropped == {"fewer than two scored responses": 1}
+    assert report.unit == "prompts" and report.n_in == 3
+    assert report.dropped == {"fewer than two scored responses": 1}
     assert steer["level"] == ["significantly_better", "negligibly_better"]  # gaps 3 and 1/3 on 0-4
     assert steer["chosen"] == ["Masses attract each other.", "A word for an action."]
     # on a 0-10 reading of the same attributes the 3-point gap is only "significantly" at >= 3
@@ -310,12 +326,13 @@ def load_error(path: Path, **kw) -> str:
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("inf")}, "margin", "non-finite margin"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
     ({"prompt": "p", "chosen": 7, "rejected": "b"}, "chosen", "wrong type: expected text"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "is_safety": "yes"}, "is_safety", "expected true or false"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "is_safety": "yes"}, "is_safety",
+     "expected true or false"),
 ])
 def test_canonical_row_errors_name_file_row_field(tmp_path, row, field, words):
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     path = tmp_path / "prefs.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")  # NaN/Infinity written as JSON5-ish
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")  # json writes NaN and Infinity bare
     msg = load_error(path)
     assert f"prefs.jsonl, row 2, field '{field}'" in msg and words in msg
 
@@ -341,9 +358,8 @@ def test_missing_columns_say_what_the_format_needs(tmp_path):
     assert "needs prompt, chosen, rejected" in msg and "found: prompt, chosen, answer" in msg
     msg = load_error(write_jsonl(tmp_path / "what.jsonl", [{"question": "p", "answer": "a"}]))
     assert "cannot tell the format" in msg and "hh-rlhf: chosen, rejected" in msg
-    msg = load_error(write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "p", "response_0": "a", "response_1": "b",
-                                                           "better_response_id": 0}]),
-                     format="pku-saferlhf", kind="safety")
+    pku = [{"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 0}]
+    msg = load_error(write_jsonl(tmp_path / "pku.jsonl", pku), format="pku-saferlhf", kind="safety")
     assert "field 'safer_response_id'" in msg and "is_response_0_safe" in msg
 
 
@@ -363,7 +379,8 @@ def test_malformed_json_line(tmp_path):
 
 
 def test_nothing_left_after_drops(tmp_path):
-    path = write_jsonl(tmp_path / "hh-harmless.jsonl", [{"chosen": H + "Q" + A + "x", "rejected": H + "Q" + A + "x"}])
+    rows = [{"chosen": H + "Q" + A + "x", "rejected": H + "Q" + A + "x"}]
+    path = write_jsonl(tmp_path / "hh-harmless.jsonl", rows)
     msg = load_error(path)
     assert "no usable comparisons" in msg and "identical responses 1" in msg
 
@@ -445,7 +462,8 @@ def test_mix_is_deterministic_and_validates(logs):
 
 def test_split_train_test_by_prompt_and_deterministic():
     ds = canonical_rows(60, safety=False, tag="x")
-    ds = datasets.concatenate_datasets([ds, ds.map(lambda r: {"chosen": r["chosen"] + "!"})])  # 2 pairs per prompt
+    twice = ds.map(lambda r: {"chosen": r["chosen"] + "!"})
+    ds = datasets.concatenate_datasets([ds, twice])  # two pairs per prompt
     train, test = split_train_test(ds, 0.25, seed=0)
     assert len(train) + len(test) == 120 and 30 <= len(test) <= 32
     assert not set(train["prompt"]) & set(test["prompt"])

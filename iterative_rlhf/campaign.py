@@ -1,0 +1,490 @@
+"""Campaigns: rounds V1..Vn of rejection sampling, fine-tuning and PPO (``iterative-rlhf round``).
+
+The run directory is self-describing and resumable at stage boundaries:
+
+    DIR/config.yaml          the resolved recipe
+    DIR/manifest.json        stages finished, with SHA-256 hashes of their outputs
+    DIR/rm/{helpful,safety}  the reward models; DIR/rm/eval the RM report
+    DIR/v0/                  the base policy's evaluation
+    DIR/vK/samples.jsonl     N samples per train prompt from the policy of round K-1, scored
+    DIR/vK/selected.jsonl    the best samples (the pool of earlier rounds competing)
+    DIR/vK/rs_policy/        SFT on the selected samples (from the base, as Llama 2)
+    DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
+    DIR/vK/eval.json         the round's policy on the eval prompts
+    DIR/vK/report.json       the round's report
+    DIR/report.{json,md,html}, DIR/plots/*.png
+
+A stage counts as done only when the manifest lists it and its outputs still
+hash to what the manifest recorded; every output is written atomically, so a
+crash (or Ctrl-C, or SIGKILL) at any point leaves either the old state or the
+new one. Rerunning the same command continues with the first stage not done;
+PPO also resumes inside its own stage from its last saved iteration.
+Every stage is seeded from (recipe.seed, round, stage), so a resumed campaign
+ends with the same report as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Recipe, load_recipe
+from .console import log, table
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
+
+STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6}
+
+
+class Manifest:
+    """``manifest.json``: stage name -> {outputs: {relative path: sha256}, finished: time}."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "manifest.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        entry = self.data["stages"].get(stage)
+        if entry is None:
+            return False
+        for rel, digest in entry["outputs"].items():
+            p = self.run_dir / rel
+            if not p.exists() or hash_path(p) != digest:
+                log(f"[yellow]{stage}: output {rel} is missing or changed; running the stage again[/yellow]")
+                return False
+        return True
+
+    def mark(self, stage: str, outputs: list[Path]) -> None:
+        self.data["stages"][stage] = {
+            "outputs": {str(p.relative_to(self.run_dir)): hash_path(p) for p in outputs},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_json(self.path, self.data)
+
+    def reset(self) -> None:
+        self.data = {"stages": {}}
+        atomic_write_json(self.path, self.data)
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of everything that changes results; campaign.rounds may grow between runs."""
+    d = recipe.to_dict()
+    d["campaign"] = {k: v for k, v in d["campaign"].items() if k not in ("rounds", "report_to")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+class Campaign:
+    """One run directory and the recipe that owns it."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, force: bool = False) -> None:
+        self.recipe = recipe
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._claim(force)
+        self.manifest = Manifest(self.dir)
+        self.world = None
+        self.base_path = ""
+        self.train_prompts: list[dict] = []
+        self.eval_prompts: list[dict] = []
+        self.holdout_prompts: list[dict] = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def _claim(self, force: bool) -> None:
+        cfg_path = self.dir / "config.yaml"
+        fp = recipe_fingerprint(self.recipe)
+        if cfg_path.exists():
+            try:
+                old = load_recipe(cfg_path)
+            except UserError:
+                old = None
+            if old is None or recipe_fingerprint(old) != fp:
+                if not force:
+                    raise UserError(f"{self.dir}: this run directory was made by another recipe (config.yaml "
+                                    "differs); use another --out, or --force to start it again with this recipe")
+                Manifest(self.dir).reset()
+        atomic_write_text(cfg_path, self.recipe.to_yaml())
+
+    def prepare(self) -> None:
+        """The base policy and the prompts (TinyWorld is built first when the recipe uses it)."""
+        r = self.recipe
+        if r.model.policy == "tinyworld":
+            from .tinyworld.build import build_world
+            from .tinyworld.world import get_prompts, prompt_row
+
+            self.world = build_world(r.tinyworld)
+            self.base_path = str(self.world.policy)
+            train = [prompt_row(p) for p in get_prompts("train")]
+            self.eval_prompts = [prompt_row(p) for p in get_prompts("eval")]
+        else:
+            from .sampling import read_prompts
+
+            if not r.campaign.prompts or not r.campaign.eval_prompts:
+                raise UserError("campaign.prompts / campaign.eval_prompts: a recipe with its own policy needs "
+                                "prompt files (JSONL with 'prompt' and 'is_safety')")
+            self.base_path = r.model.policy
+            train = read_prompts(r.campaign.prompts)
+            self.eval_prompts = read_prompts(r.campaign.eval_prompts)
+        # 1 in 8 train prompts (by hash) is held out for PPO's early stopping.
+        held = [p for p in train if int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0]
+        self.holdout_prompts = held
+        self.train_prompts = train
+        if r.rs.prompts:
+            self.train_prompts = train[: r.rs.prompts]
+
+    def seed(self, k: int, stage: str) -> int:
+        return self.recipe.seed * 100_000 + k * 100 + STAGE_SEEDS[stage]
+
+    def stage(self, name: str, outputs: list[Path], fn: Callable[[], Any]) -> bool:
+        """Run ``fn`` unless the stage is done; record its outputs. Returns True if it ran."""
+        if self.manifest.done(name):
+            return False
+        t = time.time()
+        fn()
+        self.manifest.mark(name, outputs)
+        log(f"[green]done[/green] {name} ({time.time() - t:.1f} s)")
+        return True
+
+    # ------------------------------------------------------------------ reward models
+
+    def rm_dir(self, k: int) -> Path:
+        """The RMs that score round k: refreshed ones when the recipe asks, else the initial ones."""
+        if self.recipe.reward.refresh:
+            for j in range(k, 0, -1):
+                if (self.dir / f"v{j}" / "rm").exists() and j > 1:
+                    return self.dir / f"v{j}" / "rm"
+        return self.dir / "rm"
+
+    def train_rms(self) -> None:
+        from .reward import evaluate_reward_models, rm_datasets, rm_test_sets, train_reward_model
+
+        rm = self.dir / "rm"
+        for kind in ("helpful", "safety"):
+            def run(kind: str = kind) -> None:
+                t = time.time()
+                train_ds, _ = rm_datasets(self.recipe, kind, self.world)
+                train_reward_model(self.recipe, kind, rm / kind, init_path=self._rm_init(), train_ds=train_ds)
+                atomic_write_json(rm / f"{kind}.time.json", {"seconds": time.time() - t})
+            self.stage(f"rm/{kind}", [rm / kind, rm / f"{kind}.time.json"], run)
+
+        def run_eval() -> None:
+            evaluate_reward_models({"helpful": rm / "helpful", "safety": rm / "safety"},
+                                   rm_test_sets(self.recipe, self.world), rm / "eval",
+                                   threshold=self.recipe.scorer.threshold, world=self.world)
+        self.stage("rm/eval", [rm / "eval" / "rm_eval.json"], run_eval)
+
+    def _rm_init(self) -> str:
+        return self.base_path if self.recipe.reward.helpful.init == "policy" else self.recipe.reward.helpful.init
+
+    def refresh_rms(self, k: int) -> None:
+        """New comparisons on the latest policy's samples (TinyWorld's annotators), then retrain both RMs."""
+        import random
+
+        from .reward import train_reward_model
+        from .tinyworld.annotators import make_comparisons
+        from .tinyworld.world import find_prompt
+
+        out = self.dir / f"v{k}" / "rm"
+        tw = self.recipe.tinyworld
+        samples: dict = {}
+        for row in read_jsonl(self.dir / f"v{k}" / "samples.jsonl"):
+            samples.setdefault(find_prompt(row["prompt"]), []).append(row["response"])
+        rng = random.Random(self.seed(k, "rm"))
+        files = {}
+        for kind in ("helpful", "safety"):
+            per = tw.comparisons_per_prompt if kind == "helpful" else tw.safety_comparisons_per_prompt
+            rows = make_comparisons(kind, samples, per, rng, tw.annotator_noise, tw.length_cost,
+                                    source=f"tinyworld-{kind}-v{k}")
+            files[kind] = out / f"comparisons_{kind}.jsonl"
+            atomic_write_jsonl(files[kind], rows)
+        # Llama 2 retrains on all batches collected so far: the world's comparisons + each round's new ones.
+        recipe = dataclasses.replace(self.recipe)
+        recipe.reward = dataclasses.replace(recipe.reward)
+        for kind in ("helpful", "safety"):
+            earlier = [str(self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl") for j in range(2, k)]
+            sec = dataclasses.replace(getattr(recipe.reward, kind),
+                                      data=[str(self.world.comparisons(kind, "train")), *earlier, str(files[kind])],
+                                      format="canonical",
+                                      test_data=[str(self.world.comparisons(kind, "test"))])
+            setattr(recipe.reward, kind, sec)
+        from .reward import rm_datasets
+
+        for kind in ("helpful", "safety"):
+            train_ds, _ = rm_datasets(recipe, kind, None)
+            train_reward_model(recipe, kind, out / kind, init_path=self._rm_init(), train_ds=train_ds)
+
+    def scorer(self, k: int, whiten=None):  # noqa: ANN001, ANN201
+        from .scorer import GatedScorer
+
+        d = self.rm_dir(k)
+        return GatedScorer(d / "helpful", d / "safety", self.recipe.scorer, whiten=whiten,
+                           trust_remote_code=self.recipe.model.trust_remote_code)
+
+    # ------------------------------------------------------------------ one round
+
+    def policy_of(self, k: int) -> str:
+        """The checkpoint that round k ends with (round 0 = the base policy)."""
+        if k == 0:
+            return self.base_path
+        d = self.dir / f"v{k}"
+        if self.runs_ppo(k):
+            return str(d / "ppo" / "policy")
+        return str(d / "rs_policy")
+
+    def runs_rs(self, k: int) -> bool:
+        return self.recipe.campaign.mode in ("rs", "rs+ppo")
+
+    def runs_ppo(self, k: int) -> bool:
+        mode = self.recipe.campaign.mode
+        return mode == "ppo" or (mode == "rs+ppo" and k >= self.recipe.campaign.ppo_from_round)
+
+    def run_round(self, k: int) -> None:
+        d = self.dir / f"v{k}"
+        r = self.recipe
+        start = self.policy_of(k - 1)
+        if self.runs_rs(k):
+            self.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: self.rs_sample(k, start))
+            if r.reward.refresh and k > 1 and self.world is not None:
+                self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety"], lambda: self.refresh_rms(k))
+            self.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"],
+                       lambda: self.rs_select(k))
+            self.stage(f"v{k}/sft", [d / "rs_policy"], lambda: self.sft(k))
+        if self.runs_ppo(k):
+            ppo_start = str(d / "rs_policy") if self.runs_rs(k) else start
+            self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
+        self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
+        self.stage(f"v{k}/report", [d / "report.json"], lambda: self.round_report(k))
+
+    def rs_sample(self, k: int, policy: str) -> None:
+        from .generation import make_engine
+
+        r = self.recipe
+        t = time.time()
+        engine = make_engine(policy, r.generation, seed=self.seed(k, "rs_sample"),
+                             trust_remote_code=r.model.trust_remote_code)
+        try:
+            res = engine.generate([p["prompt"] for p in self.train_prompts], r.rs.n, r.temperature_for(k),
+                                  r.generation.max_new_tokens, self.seed(k, "rs_sample"))
+        finally:
+            engine.close()
+        rows = [{"prompt": p["prompt"], "is_safety": bool(p.get("is_safety", False)), "sample": j,
+                 "response": c.text, "num_tokens": len(c.token_ids)}
+                for p, comps in zip(self.train_prompts, res, strict=True) for j, c in enumerate(comps)]
+        atomic_write_jsonl(self.dir / f"v{k}" / "samples.jsonl", rows)
+        atomic_write_json(self.dir / f"v{k}" / "rs_sample.time.json", {"seconds": time.time() - t})
+
+    def _pool(self, k: int) -> dict[str, list]:
+        from .rejection import Candidate
+
+        pool: dict[str, list] = {}
+        if self.recipe.rs.pool != "all":
+            return pool
+        for j in range(1, k):
+            f = self.dir / f"v{j}" / "selected.jsonl"
+            if not f.exists():
+                continue
+            for row in read_jsonl(f):
+                origin = row["origin"] if row["origin"] != "new" else f"v{j}"
+                c = Candidate(row["prompt"], row["response"], row["is_safety"], origin)
+                if all(c.response != o.response for o in pool.get(c.prompt, [])):
+                    pool.setdefault(c.prompt, []).append(c)
+        return pool
+
+    def rs_select(self, k: int) -> None:
+        import torch
+
+        from .rejection import Candidate, reward_vs_n, score_candidates, select_top, selection_stats
+        from .rlmath import best_of_n_kl_bound
+
+        r = self.recipe
+        t = time.time()
+        d = self.dir / f"v{k}"
+        rows = read_jsonl(d / "samples.jsonl")
+        new = [Candidate(x["prompt"], x["response"], x["is_safety"], "new", x["sample"]) for x in rows]
+        pool = self._pool(k)
+        old = [c for p in dict.fromkeys(c.prompt for c in new) for c in pool.get(p, [])]
+        with self.scorer(k) as scorer:
+            # WHITEN statistics: fit on the round's starting policy's samples of the train prompts, fixed for
+            # the round (selection and PPO read the same scale).
+            whiten = scorer.fit_whitening([c.prompt for c in new], [c.response for c in new],
+                                          [c.is_safety for c in new])
+            score_candidates(scorer, new + old)
+        by_prompt: dict[str, list] = {}
+        for c in new + old:
+            by_prompt.setdefault(c.prompt, []).append(c)
+        selected = [c for p in by_prompt for c in select_top(by_prompt[p], r.rs.top_k)]
+        n = r.rs.n
+        rewards = torch.tensor([c.reward for c in new]).view(-1, n)  # (P, N)
+        stats = selection_stats(selected, new)
+        stats.update(kl_bound=best_of_n_kl_bound(n), temperature=r.temperature_for(k), pool=r.rs.pool)
+        out = {"reward_vs_n": reward_vs_n(rewards), "selection": stats,
+               "whiten": {"mean": whiten.mean, "std": whiten.std}, "selected_gold": None, "samples_gold": None}
+        if self.world is not None:
+            from .tinyworld.world import find_prompt, metrics
+
+            out["selected_gold"] = metrics((find_prompt(c.prompt), c.response) for c in selected)
+            out["samples_gold"] = metrics((find_prompt(c.prompt), c.response) for c in new)
+        out["seconds"] = time.time() - t
+        atomic_write_jsonl(d / "scored.jsonl", [{"prompt": c.prompt, "response": c.response, "origin": c.origin,
+                                                  "sample": c.sample, **c.scores} for c in new + old])
+        atomic_write_jsonl(d / "selected.jsonl", [{"prompt": c.prompt, "response": c.response,
+                                                    "is_safety": c.is_safety, "origin": c.origin, **c.scores}
+                                                   for c in selected])
+        atomic_write_json(d / "rs.json", out)
+
+    def sft(self, k: int) -> None:
+        from .sft import finetune
+
+        t = time.time()
+        d = self.dir / f"v{k}"
+        init = self.base_path if self.recipe.sft.init == "base" else self.policy_of(k - 1)
+        finetune(self.recipe, read_jsonl(d / "selected.jsonl"), init, d / "rs_policy", self.seed(k, "sft"))
+        atomic_write_json(d / "sft.time.json", {"seconds": time.time() - t})
+
+    def ppo(self, k: int, start: str) -> None:
+        from .ppo import run_ppo
+        from .rlmath import WhitenStats
+
+        t = time.time()
+        d = self.dir / f"v{k}"
+        whiten = None
+        if (d / "rs.json").exists():
+            w = json.loads((d / "rs.json").read_text())["whiten"]
+            whiten = WhitenStats(w["mean"], w["std"])
+        rm = self.rm_dir(k)
+        run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
+                out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts, whiten=whiten,
+                seed=self.seed(k, "ppo"))
+        history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
+        atomic_write_json(d / "ppo.json", {"iterations": len(history), "history": history,
+                                            "final": history[-1] if history else None,
+                                            "seconds": time.time() - t})
+
+    def evaluate(self, k: int) -> None:
+        from .evaluation import best_and_worst, histogram, kl_to_base, stats, win_rate
+        from .generation import make_engine
+
+        r = self.recipe
+        t = time.time()
+        d = self.dir / f"v{k}"
+        policy = self.policy_of(k)
+        engine = make_engine(policy, r.generation, seed=self.seed(k, "eval"),
+                             trust_remote_code=r.model.trust_remote_code)
+        try:
+            res = engine.generate([p["prompt"] for p in self.eval_prompts], r.campaign.eval_samples, 1.0,
+                                  r.generation.max_new_tokens, self.seed(k, "eval"))
+        finally:
+            engine.close()
+        rows = [{**p, "sample": j, "response": c.text, "num_tokens": len(c.token_ids)}
+                for p, comps in zip(self.eval_prompts, res, strict=True) for j, c in enumerate(comps)]
+        with self.scorer(max(k, 1)) as scorer:
+            b = scorer.score([x["prompt"] for x in rows], [x["response"] for x in rows],
+                             [bool(x.get("is_safety", False)) for x in rows])
+            for x, s in zip(rows, b.rows(), strict=True):
+                x.update(s)
+            # Win rates: the other rounds' eval samples rescored by the same scorer.
+            others = {}
+            for name, j in (("previous", k - 1), ("base", 0)):
+                f = self.dir / f"v{j}" / "eval_samples.jsonl"
+                if k == 0 or not f.exists():
+                    others[name] = None
+                    continue
+                o = read_jsonl(f)
+                ob = scorer.score([x["prompt"] for x in o], [x["response"] for x in o],
+                                  [bool(x.get("is_safety", False)) for x in o])
+                theirs = {(x["prompt"], x["sample"]): float(v) for x, v in zip(o, ob.r_c, strict=True)}
+                mine = {(x["prompt"], x["sample"]): x["r_c"] for x in rows}
+                others[name] = win_rate(mine, theirs)
+        gold = None
+        if self.world is not None:
+            from .tinyworld.world import find_prompt, judge, metrics
+
+            for x in rows:
+                x["gold"] = judge(find_prompt(x["prompt"]), x["response"]).gold
+            gold = metrics((find_prompt(x["prompt"]), x["response"]) for x in rows)
+        kl = kl_to_base(policy, self.base_path, [x["prompt"] for x in rows], [x["response"] for x in rows])
+        out = {
+            "n_prompts": len(self.eval_prompts), "samples_per_prompt": r.campaign.eval_samples,
+            "helpful": stats([x["score_helpful"] for x in rows]), "safety": stats([x["score_safety"] for x in rows]),
+            "gated": stats([x["r_c"] for x in rows]), "gated_hist": histogram([x["r_c"] for x in rows]),
+            "gold": gold, "kl_to_base": kl,
+            "response_words": sum(len(x["response"].split()) for x in rows) / len(rows),
+            "response_tokens": sum(x["num_tokens"] for x in rows) / len(rows),
+            "win_rate_vs_previous": others.get("previous") if k > 0 else None,
+            "win_rate_vs_base": others.get("base") if k > 0 else None,
+            "samples": best_and_worst(rows), "seconds": time.time() - t,
+        }
+        atomic_write_jsonl(d / "eval_samples.jsonl", rows)
+        atomic_write_json(d / "eval.json", out)
+
+    def round_report(self, k: int) -> None:
+        d = self.dir / f"v{k}"
+
+        def load(name: str) -> dict | None:
+            p = d / name
+            return json.loads(p.read_text()) if p.exists() and self._fresh(k, name) else None
+
+        ev = load("eval.json") or {}
+        rs, ppo = load("rs.json"), load("ppo.json")
+        times = {"rs_sample": (load("rs_sample.time.json") or {}).get("seconds"),
+                 "rs_select": (rs or {}).get("seconds"), "sft": (load("sft.time.json") or {}).get("seconds"),
+                 "ppo": (ppo or {}).get("seconds"), "eval": ev.get("seconds")}
+        report = {
+            "round": k, "name": f"v{k}", "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind,
+            "temperature": self.recipe.temperature_for(k) if k > 0 and self.runs_rs(k) else None,
+            "policy": str(Path(self.policy_of(k)).relative_to(self.dir)) if k > 0 else "base",
+            "eval": {key: v for key, v in ev.items() if key not in ("samples", "seconds")},
+            "reward_vs_n": (rs or {}).get("reward_vs_n"), "selection": (rs or {}).get("selection"),
+            "selected_gold": (rs or {}).get("selected_gold"), "samples_gold": (rs or {}).get("samples_gold"),
+            "ppo": {key: v for key, v in ppo.items() if key != "seconds"} if ppo else None,
+            "times": times, "samples": ev.get("samples"),
+        }
+        atomic_write_json(d / "report.json", report)
+
+    def _fresh(self, k: int, name: str) -> bool:
+        """Round k's stage files only count when their stage ran in this campaign's mode."""
+        if name in ("rs.json", "rs_sample.time.json", "sft.time.json"):
+            return self.runs_rs(k)
+        if name == "ppo.json":
+            return self.runs_ppo(k)
+        return True
+
+    # ------------------------------------------------------------------ the whole campaign
+
+    def run(self, rounds: int) -> dict:
+        from . import report as reports
+
+        self.prepare()
+        self.train_rms()
+        d0 = self.dir / "v0"
+        self.stage("v0/eval", [d0 / "eval.json", d0 / "eval_samples.jsonl"], lambda: self.evaluate(0))
+        self.stage("v0/report", [d0 / "report.json"], lambda: self.round_report(0))
+        for k in range(1, rounds + 1):
+            log(f"[bold]round v{k}[/bold] ({self.recipe.campaign.mode}, scorer {self.recipe.scorer.kind})")
+            self.run_round(k)
+            rounds_so_far = reports.load_rounds(self.dir)
+            rows = reports.summary_rows(rounds_so_far)
+            if rows:
+                cols = list(rows[0])
+                table(f"after v{k}", cols, [[row[c] for c in cols] for row in rows])
+        result = reports.write_report(self.dir)
+        log(f"report: {self.dir / 'report.md'} (also report.html, report.json, plots/)")
+        return result
+
+
+def run_campaign(recipe: Recipe, out: str | Path, rounds: int | None = None, force: bool = False) -> dict:
+    if rounds is not None:
+        recipe.campaign.rounds = rounds
+    return Campaign(recipe, out, force=force).run(recipe.campaign.rounds)
+
+
+def dump_config(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

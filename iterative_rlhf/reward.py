@@ -1,0 +1,605 @@
+"""Reward models (Llama 2 §3.2.2, App. A.3.3): data mix, training with TRL, evaluation per preference level.
+
+Scope, in the order the stage runs:
+
+1. :func:`rm_datasets` builds one RM's training mix and its test set: helpfulness
+   RM = all helpfulness comparisons + an equal amount of safety comparisons;
+   safety RM = safety comparisons mixed 90/10 with helpfulness comparisons
+   (``recipe.reward.safety_fraction`` / ``helpful_extra_ratio``). Every row gets
+   the margin m(level) of the RM's margin scheme. Test sets are not mixed.
+2. :func:`train_reward_model` trains a sequence classifier with one scalar
+   output, initialised from the policy (Llama 2), with TRL 1.16's
+   ``RewardTrainer``; the loss is ``-log sigmoid(r_c - r_r - margin)`` (TRL reads
+   our ``margin`` column; the same formula as
+   :func:`iterative_rlhf.rlmath.margin_ranking_loss`). Llama 2's schedule:
+   AdamW, cosine to 10 % of the max learning rate, warm-up max(5 steps, 3 %),
+   1 epoch, ``batch_size`` pairs per step by gradient accumulation. Optional LoRA
+   and 4/8-bit loading (QLoRA). The result is a standalone checkpoint (LoRA
+   merged, tokenizer with chat template) plus ``train_log.jsonl``.
+3. :func:`evaluate_reward_models` reports accuracy per preference level on
+   each test set, laid out like Llama 2 Table 8, score histograms, the safety
+   RM's precision/recall at the gate threshold and, on TinyWorld, two ranking
+   rates judged by the gold judge.
+
+Tokenisation. Pairs are pre-tokenised with :func:`iterative_rlhf.scorer.encode`
+(chat template over user prompt + assistant response, TRL's conversational
+path) and handed to TRL as ``chosen_ids``/``rejected_ids``, so training and the
+gated scorer read identical token ids by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+from transformers import TrainerCallback
+
+from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, save_checkpoint
+from .config import Recipe, RewardModelConfig
+from .console import log, progress, table, warn
+from .errors import NumericalError, UserError
+from .io import atomic_write_json, atomic_write_text
+from .preferences import load_preferences, mix_for_rm
+from .rlmath import LEVELS
+from .scorer import RewardModelScorer, encode
+
+if TYPE_CHECKING:
+    from .tinyworld.build import WorldPaths
+
+__all__ = ["KINDS", "evaluate_reward_models", "rm_datasets", "rm_test_sets", "train_reward_model"]
+
+KINDS: tuple[str, ...] = ("helpful", "safety")
+_OTHER = {"helpful": "safety", "safety": "helpful"}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"unknown reward model kind {kind!r}; use 'helpful' or 'safety'")
+
+
+def _rm_cfg(recipe: Recipe, kind: str) -> RewardModelConfig:
+    _check_kind(kind)
+    return getattr(recipe.reward, kind)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load(sources: list[str], fmt: str, kind: str, scheme: str, split: str) -> datasets.Dataset:
+    parts = [load_preferences(s, format=fmt, kind=kind, split=split, margin_scheme=scheme) for s in sources]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _comparisons(recipe: Recipe, data_kind: str, scheme: str, world: WorldPaths | None, test: bool,
+                 required: bool = True) -> datasets.Dataset | None:
+    """``data_kind`` comparisons (train or test) with margins of ``scheme``: recipe files, else TinyWorld."""
+    cfg = _rm_cfg(recipe, data_kind)
+    sources = cfg.test_data if test else cfg.data
+    if sources:
+        return _load(list(sources), cfg.format, data_kind, scheme, "test" if test else "train")
+    if world is not None:
+        path = world.comparisons(data_kind, "test" if test else "train")
+        return load_preferences(str(path), format="canonical", kind=data_kind, margin_scheme=scheme,
+                                source_name=f"tinyworld-{data_kind}-{'test' if test else 'train'}")
+    if required:
+        key = f"reward.{data_kind}.{'test_data' if test else 'data'}"
+        raise UserError(f"{key}: no {data_kind} comparisons; list preference files or hub names there, or use "
+                        "the TinyWorld policy (model.policy: tinyworld) whose comparisons are built in")
+    return None
+
+
+def rm_datasets(recipe: Recipe, kind: str,
+                world: WorldPaths | None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train_ds, test_ds)`` of one reward model, canonical columns with this RM's margins.
+
+    ``train_ds`` is the Llama 2 mix (:func:`iterative_rlhf.preferences.mix_for_rm`):
+    the ``kind`` data from ``recipe.reward.<kind>.data`` (or the TinyWorld train
+    comparisons when empty) plus the other kind's data from its own recipe
+    section, both loaded with ``kind`` and the margin scheme of *this* RM. When
+    the other kind has no data the RM trains on its own data alone (warned).
+    ``test_ds`` is the ``kind`` test set alone (``test_data`` or the TinyWorld
+    eval-split comparisons), not mixed.
+    """
+    cfg = _rm_cfg(recipe, kind)
+    scheme = cfg.margin
+    primary = _comparisons(recipe, kind, scheme, world, test=False)
+    other = _comparisons(recipe, _OTHER[kind], scheme, world, test=False, required=False)
+    needs_other = (recipe.reward.helpful_extra_ratio > 0) if kind == "helpful" else recipe.reward.safety_fraction < 1
+    if other is None or not needs_other:
+        if other is None and needs_other:
+            warn(f"{kind} RM: no {_OTHER[kind]} comparisons to mix in (reward.{_OTHER[kind]}.data is empty and "
+                 f"there is no TinyWorld); training on the {kind} data alone")
+        train = primary.shuffle(seed=recipe.seed)
+    else:
+        train = mix_for_rm(primary, other, kind, safety_fraction=recipe.reward.safety_fraction,
+                           helpful_extra_ratio=recipe.reward.helpful_extra_ratio, seed=recipe.seed)
+    test = _comparisons(recipe, kind, scheme, world, test=True)
+    return train, test
+
+
+def rm_test_sets(recipe: Recipe, world: WorldPaths | None) -> dict[str, datasets.Dataset]:
+    """Both test sets, ``{"helpful": ..., "safety": ...}``: every RM is evaluated on both."""
+    return {k: _comparisons(recipe, k, _rm_cfg(recipe, k).margin, world, test=True) for k in KINDS}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _resolve_init(recipe: Recipe, cfg: RewardModelConfig) -> str:
+    """``reward.<kind>.init``: 'policy' = the base policy (Llama 2), which for TinyWorld is built on demand."""
+    init = recipe.model.policy if cfg.init == "policy" else cfg.init
+    if init == "tinyworld":
+        from .tinyworld.build import build_world
+
+        return str(build_world(recipe.tinyworld).policy)
+    return init
+
+
+class _StopOnNonFinite(TrainerCallback):
+    """TrainerCallback: raise NumericalError as soon as a logged loss or grad norm is NaN or inf.
+
+    Logging runs every step with ``logging_nan_inf_filter=False``, so the error names the exact step.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NumericalError(
+                    f"{self.kind} RM: {key} became {value} at step {state.global_step} of {state.max_steps}; "
+                    f"lower reward.{self.kind}.learning_rate, train in float32, or check the data for empty or "
+                    "truncated texts")
+        return control
+
+
+class _RichProgress(TrainerCallback):
+    """TrainerCallback: a rich progress bar over optimiser steps, a log line every tenth of training."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self._cm: Any = None
+        self._advance: Any = None
+        self._every = 1
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self._cm = progress(self.description, state.max_steps)
+        self._advance = self._cm.__enter__()
+        self._every = max(1, state.max_steps // 10)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if self._advance is not None:
+            self._advance()
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        logs = logs or {}
+        if "loss" in logs and (state.global_step % self._every == 0 or state.global_step == state.max_steps):
+            log(f"{self.description}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                f"accuracy {logs.get('accuracy', float('nan')):.3f} lr {logs.get('learning_rate', 0.0):.2e}")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = self._advance = None
+        return control
+
+
+def _tokenize_pairs(ds: datasets.Dataset, tokenizer, max_length: int, kind: str) -> datasets.Dataset:  # noqa: ANN001
+    """``chosen_ids``, ``rejected_ids`` (via :func:`encode`) and ``margin``; pairs over ``max_length`` dropped."""
+
+    def tok(batch: dict[str, list]) -> dict[str, list]:
+        return {
+            "chosen_ids": [encode(tokenizer, p, c) for p, c in zip(batch["prompt"], batch["chosen"], strict=True)],
+            "rejected_ids": [encode(tokenizer, p, r) for p, r in zip(batch["prompt"], batch["rejected"],
+                                                                        strict=True)],
+        }
+
+    out = ds.map(tok, batched=True, remove_columns=[c for c in ds.column_names if c != "margin"])
+    n = len(out)
+    out = out.filter(lambda r: len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length)
+    if len(out) < n:
+        warn(f"{kind} RM: dropped {n - len(out)} of {n} pairs longer than reward.{kind}.max_length={max_length} "
+             "tokens (TRL filters, it does not truncate)")
+    if len(out) == 0:
+        raise UserError(f"{kind} RM: no training pairs fit in reward.{kind}.max_length={max_length} tokens; "
+                        "raise it")
+    return out
+
+
+def _finite_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))}
+            for row in history]
+
+
+def train_reward_model(recipe: Recipe, kind: str, out_dir: str | Path, *, init_path: str | Path | None = None,
+                       train_ds: datasets.Dataset) -> Path:
+    """Train the ``kind`` reward model on ``train_ds`` (canonical rows with ``margin``) and save it to ``out_dir``.
+
+    Args:
+        recipe: the campaign recipe; ``recipe.reward.<kind>`` holds the hyperparameters.
+        kind: "helpful" or "safety".
+        out_dir: the checkpoint folder (written atomically; replaced if it exists).
+        init_path: initial checkpoint; None = ``reward.<kind>.init`` ('policy' = the base
+            policy, as Llama 2).
+        train_ds: from :func:`rm_datasets`.
+
+    Returns:
+        ``out_dir``, holding a standalone sequence-classification checkpoint (LoRA
+        merged), the tokenizer with its chat template, ``train_log.jsonl`` (TRL's log
+        history, one row per step) and ``train_summary.json``.
+
+    Raises:
+        NumericalError: the loss or gradient norm became NaN/inf (the step is named).
+    """
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    cfg = _rm_cfg(recipe, kind)
+    out_dir = Path(out_dir)
+    init = str(init_path) if init_path is not None else _resolve_init(recipe, cfg)
+    quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "float32"
+    if "margin" not in train_ds.column_names:
+        raise UserError(f"{kind} RM: the training data has no margin column; build it with rm_datasets or "
+                        "load_preferences")
+
+    set_seed(recipe.seed)  # the fresh scalar head is drawn at load time
+    tokenizer = load_tokenizer(init, trust_remote_code=recipe.model.trust_remote_code)
+    model = _load_rm(init, dtype, recipe.model.trust_remote_code, cfg.quant if quantized else None)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_lora(model, cfg.lora, "SEQ_CLS", quantized=bool(quantized))
+
+    train = _tokenize_pairs(train_ds, tokenizer, cfg.max_length, kind)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = min(cfg.per_device_batch_size, cfg.batch_size)
+    accum = max(1, cfg.batch_size // (per_device * world_size))
+    if per_device * accum * world_size != cfg.batch_size:
+        warn(f"{kind} RM: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size {per_device} x "
+             f"{world_size} process(es); using {per_device * accum * world_size} pairs per step")
+    steps_per_epoch = math.ceil(math.ceil(len(train) / (per_device * world_size)) / accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = min(total_steps, max(5, math.ceil(cfg.warmup_ratio * total_steps)))  # Llama 2: 3 %, at least 5
+    n_params = sum(p.numel() for p in model.parameters())
+
+    trainer_dir = out_dir.parent / f".{out_dir.name}.trainer"
+    report_to = list(recipe.campaign.report_to) or ["none"]
+    args = TRLRewardConfig(
+        output_dir=str(trainer_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},  # Llama 2: cosine down to 10 % of the max
+        warmup_steps=warmup,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        optim="adamw_torch",
+        weight_decay=cfg.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5,  # Llama 2 §2.2 AdamW (the RM section keeps them)
+        max_grad_norm=1.0,
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=False,
+        # Recompute activations only for big models: on a small one it costs time and saves nothing.
+        gradient_checkpointing=n_params > 500_000_000,
+        logging_steps=1, logging_nan_inf_filter=False,  # every step, NaN kept: _StopOnNonFinite names the step
+        save_strategy="no", eval_strategy="no",
+        report_to=report_to,
+        disable_tqdm=True,
+        seed=recipe.seed, data_seed=recipe.seed,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    log(f"{kind} RM: {len(train)} pairs, margin '{cfg.margin}', {total_steps} steps of "
+        f"{per_device * accum * world_size} pairs (per device {per_device} x accumulation {accum}), "
+        f"lr {cfg.learning_rate:g}, warm-up {warmup}, "
+        f"init {init}{', LoRA' if cfg.lora.enabled else ''}{', quantized' if quantized else ''}")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                            callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    t0 = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        if report_to == ["none"] and trainer_dir.exists():
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+
+    history = _finite_logs(trainer.state.log_history)
+    steps = [r for r in history if "loss" in r]
+    summary = {
+        "kind": kind, "init": init, "pairs": len(train), "margin": cfg.margin, "steps": trainer.state.global_step,
+        "batch_size": per_device * accum * world_size, "learning_rate": cfg.learning_rate, "epochs": cfg.epochs,
+        "warmup_steps": warmup, "train_seconds": round(seconds, 2),
+        "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
+        "last_accuracy": steps[-1].get("accuracy") if steps else None,
+        "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params,
+    }
+    final = trainer.model
+    if quantized:
+        final = _merge_quantized(final, init, dtype, recipe.model.trust_remote_code, trainer_dir)
+    final.config.pad_token_id = tokenizer.pad_token_id
+    log_text = "".join(json.dumps(r) + "\n" for r in history)
+    save_checkpoint(final, tokenizer, out_dir, extra_files={
+        "train_log.jsonl": log_text, "train_summary.json": json.dumps(summary, indent=2) + "\n"})
+    log(f"{kind} RM: trained in {seconds:.1f} s ({summary['steps']} steps), loss {summary['first_loss']} -> "
+        f"{summary['last_loss']} -> {out_dir}")
+    return out_dir
+
+
+def _load_rm(path: str, dtype: str, trust_remote_code: bool, quant) -> Any:  # noqa: ANN001
+    """load_reward_model without transformers' expected "score.weight newly initialised" warning."""
+    try:
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:  # a private helper: fall back to the plain load (just noisier)
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, quant=quant)
+    with suppress_seqcls_warning():
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, quant=quant)
+
+
+def _merge_quantized(peft_model, init: str, dtype: str, trust_remote_code: bool, tmp: Path) -> Any:  # noqa: ANN001
+    """QLoRA: merge the adapters into full-precision base weights (merging into 4/8-bit weights loses precision)."""
+    from peft import PeftModel
+
+    adapter_dir = tmp / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    base = _load_rm(init, dtype if dtype in DTYPES else "float32", trust_remote_code, None)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    return merged
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _level_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, levels: list[str | None]) -> dict[str, Any]:
+    """Accuracy (r_c > r_r, strictly) per level and overall; pairs without a level count only in avg."""
+    correct = (chosen > rejected).tolist()
+    row: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for level in LEVELS:
+        hits = [c for c, lv in zip(correct, levels, strict=True) if lv == level]
+        row[level] = sum(hits) / len(hits) if hits else None
+        counts[level] = len(hits)
+    row["avg"] = sum(correct) / len(correct) if correct else None
+    counts["all"] = len(correct)
+    row["n"] = counts
+    return row
+
+
+def _save_figure(fig, path: Path) -> None:  # noqa: ANN001
+    """Write a PNG atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _histogram(name: str, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    """Chosen vs rejected score histograms of one RM, one panel per test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(scores), 3.2))
+    axes = fig.subplots(1, len(scores), squeeze=False)[0]
+    for ax, (test_name, (chosen, rejected)) in zip(axes, scores.items(), strict=True):
+        lo = float(torch.minimum(chosen.min(), rejected.min()))
+        hi = float(torch.maximum(chosen.max(), rejected.max()))
+        bins = torch.linspace(lo, hi if hi > lo else lo + 1.0, 41).tolist()
+        ax.hist(chosen.numpy(), bins=bins, alpha=0.55, label="chosen", color="tab:green")
+        ax.hist(rejected.numpy(), bins=bins, alpha=0.55, label="rejected", color="tab:red")
+        ax.set_title(f"{name} RM on {test_name} test")
+        ax.set_xlabel("RM score")
+        ax.set_ylabel("responses")
+        ax.legend()
+    _save_figure(fig, path)
+
+
+def _precision_recall(flagged: list[bool], unsafe: list[bool]) -> dict[str, Any]:
+    tp = sum(f and u for f, u in zip(flagged, unsafe, strict=True))
+    n_flag, n_unsafe = sum(flagged), sum(unsafe)
+    return {"precision": tp / n_flag if n_flag else 0.0, "recall": tp / n_unsafe if n_unsafe else 0.0,
+            "flagged": n_flag, "unsafe": n_unsafe, "responses": len(flagged)}
+
+
+def _pair_rate(pairs: list[tuple[int, int]], score: torch.Tensor) -> dict[str, Any]:
+    """Share of (better, worse) index pairs where ``score[better] > score[worse]``."""
+    if not pairs:
+        return {"rate": 0.0, "pairs": 0}
+    better = torch.tensor([a for a, _ in pairs])
+    worse = torch.tensor([b for _, b in pairs])
+    return {"rate": float((score[better] > score[worse]).float().mean()), "pairs": len(pairs)}
+
+
+def evaluate_reward_models(models: dict[str, str | Path], test_sets: dict[str, datasets.Dataset],
+                           out_dir: str | Path, threshold: float = 0.15, world: WorldPaths | None = None, *,
+                           dtype: str = "float32", batch_size: int = 64) -> dict[str, Any]:
+    """Evaluate reward models on test sets; write ``rm_eval.json``, ``rm_eval.md`` and histograms to ``out_dir``.
+
+    Args:
+        models: RM name ("helpful", "safety", ...) -> checkpoint.
+        test_sets: test set name -> canonical comparisons (every RM is scored on every set).
+        out_dir: report folder.
+        threshold: the gate threshold on sigmoid(safety score) (Llama 2: 0.15).
+        world: the TinyWorld the test sets come from; enables the gold-judge metrics.
+        dtype: scoring dtype; batch_size: scoring batch size.
+
+    Returns (and writes as ``rm_eval.json``):
+
+    * ``accuracy``: one row per (RM, test set) with the accuracy on each of
+      :data:`LEVELS` and ``avg`` (Llama 2 Table 8) and the pair counts ``n``;
+    * ``scores``: mean and std of the chosen and rejected scores per row;
+    * ``gate`` (when a "safety" RM is given): precision and recall of
+      ``sigmoid(r_s) < threshold`` at flagging unsafe responses (positives), over
+      the distinct responses of the "safety" test set (all test sets if none has
+      that name), labelled by the TinyWorld gold judge (``safe == 0``); needs ``world``;
+    * ``tinyworld`` (needs ``world``): ``refusal_over_compliance`` = share of
+      (refusal, compliance) response pairs to the same harmful prompt where the
+      safety RM scores the refusal higher; ``correct_over_wrong`` = share of
+      (correct, wrong) pairs to the same safe-family prompt where the helpful RM
+      scores the correct one higher (correct = gold ``helpful`` = 1: correct, not a
+      refusal, at most 20 words; wrong = neither correct nor a refusal). Both built
+      from the distinct responses of all test comparisons (eval-split prompts);
+    * ``histograms``: the PNG files (chosen vs rejected, one per RM).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every distinct (prompt, response) once: pairs share responses across sets and RMs.
+    texts: dict[tuple[str, str], int] = {}
+    index: dict[str, tuple[list[int], list[int], list[str | None]]] = {}
+    for name, ds in test_sets.items():
+        ci, ri = [], []
+        for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"], strict=True):
+            ci.append(texts.setdefault((p, c), len(texts)))
+            ri.append(texts.setdefault((p, r), len(texts)))
+        index[name] = (ci, ri, list(ds["level"]))
+    pairs = list(texts)
+
+    all_scores: dict[str, torch.Tensor] = {}
+    for rm_name, path in models.items():
+        scorer = RewardModelScorer(path, dtype=dtype, batch_size=batch_size)
+        try:
+            all_scores[rm_name] = scorer.score([p for p, _ in pairs], [r for _, r in pairs],
+                                               f"evaluating the {rm_name} RM")  # (U,)
+        finally:
+            scorer.close()
+
+    report: dict[str, Any] = {"threshold": threshold, "models": {k: str(v) for k, v in models.items()},
+                              "test_sets": {k: len(v) for k, v in test_sets.items()}, "accuracy": [],
+                              "scores": [], "histograms": []}
+    for rm_name, s in all_scores.items():
+        per_set = {}
+        for test_name, (ci, ri, levels) in index.items():
+            chosen, rejected = s[torch.tensor(ci)], s[torch.tensor(ri)]
+            per_set[test_name] = (chosen, rejected)
+            report["accuracy"].append({"model": rm_name, "test_set": test_name,
+                                       **_level_accuracy(chosen, rejected, levels)})
+            report["scores"].append({"model": rm_name, "test_set": test_name,
+                                     "chosen_mean": float(chosen.mean()), "chosen_std": float(chosen.std()),
+                                     "rejected_mean": float(rejected.mean()),
+                                     "rejected_std": float(rejected.std())})
+        png = out_dir / f"hist_{rm_name}.png"
+        _histogram(rm_name, per_set, png)
+        report["histograms"].append(png.name)
+
+    if world is not None:
+        report.update(_tinyworld_metrics(all_scores, pairs, index, threshold))
+    elif "safety" in all_scores:
+        report["gate"] = None
+        report["gate_note"] = "precision/recall need response-level safety labels (the TinyWorld gold judge)"
+
+    atomic_write_json(out_dir / "rm_eval.json", report)
+    atomic_write_text(out_dir / "rm_eval.md", _markdown(report))
+    table("Reward model accuracy per preference level (Llama 2 Table 8 layout)",
+          ["RM", "test set", "significantly", "better", "slightly", "negligibly", "avg"],
+          [[r["model"], r["test_set"], *[r[level] for level in LEVELS], r["avg"]] for r in report["accuracy"]])
+    if report.get("gate"):
+        g = report["gate"]
+        log(f"safety RM gate at {threshold}: precision {g['precision']:.3f}, recall {g['recall']:.3f} "
+            f"({g['flagged']} flagged, {g['unsafe']} unsafe of {g['responses']} responses)")
+    if "tinyworld" in report:
+        t = report["tinyworld"]
+        log(f"TinyWorld eval: safety RM ranks refusal > compliance on harmful prompts "
+            f"{t['refusal_over_compliance']['rate']:.3f} of {t['refusal_over_compliance']['pairs']} pairs; helpful "
+            f"RM ranks correct > wrong on safe prompts {t['correct_over_wrong']['rate']:.3f} of "
+            f"{t['correct_over_wrong']['pairs']} pairs")
+    log(f"RM evaluation -> {out_dir / 'rm_eval.json'}")
+    return report
+
+
+def _tinyworld_metrics(all_scores: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
+                       index: dict[str, tuple[list[int], list[int], list[str | None]]],
+                       threshold: float) -> dict[str, Any]:
+    from .tinyworld.world import find_prompt, judge
+
+    prompts = {p: find_prompt(p) for p, _ in pairs}
+    verdicts = [judge(prompts[p], r) if prompts[p] is not None else None for p, r in pairs]
+    out: dict[str, Any] = {}
+    if "safety" in all_scores:
+        name = "safety" if "safety" in index else None
+        ids = sorted(set(index[name][0]) | set(index[name][1])) if name else list(range(len(pairs)))
+        ids = [i for i in ids if verdicts[i] is not None]
+        p_safe = torch.sigmoid(all_scores["safety"])
+        flagged = [bool(p_safe[i] < threshold) for i in ids]
+        unsafe = [verdicts[i].safe == 0 for i in ids]
+        out["gate"] = {"on": f"distinct responses of the {name or 'all'} test set(s)", "threshold": threshold,
+                       **_precision_recall(flagged, unsafe)}
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, (p, _) in enumerate(pairs):
+        if verdicts[i] is not None:
+            by_prompt[p].append(i)
+    refusal_pairs, correct_pairs = [], []
+    for p, ids in by_prompt.items():
+        if prompts[p].family == "harmful":
+            refusals = [i for i in ids if verdicts[i].refusal]
+            comply = [i for i in ids if not verdicts[i].refusal]
+            refusal_pairs += [(a, b) for a in refusals for b in comply]
+        else:
+            correct = [i for i in ids if verdicts[i].helpful == 1]
+            wrong = [i for i in ids if not verdicts[i].correct and not verdicts[i].refusal]
+            correct_pairs += [(a, b) for a in correct for b in wrong]
+    tw: dict[str, Any] = {}
+    if "safety" in all_scores:
+        tw["refusal_over_compliance"] = _pair_rate(refusal_pairs, all_scores["safety"])
+    if "helpful" in all_scores:
+        tw["correct_over_wrong"] = _pair_rate(correct_pairs, all_scores["helpful"])
+    out["tinyworld"] = tw
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = ["# Reward model evaluation", "",
+             "Accuracy (%) per preference level, laid out like Llama 2 Table 8 (r(chosen) > r(rejected), strictly).",
+             "", "| RM | test set | significantly better | better | slightly better | negligibly better / unsure "
+             "| avg | pairs |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["accuracy"]:
+        lines.append(f"| {r['model']} | {r['test_set']} | " + " | ".join(_pct(r[lv]) for lv in LEVELS)
+                     + f" | {_pct(r['avg'])} | {r['n']['all']} |")
+    lines += ["", "Pairs per level: " + "; ".join(
+        f"{r['model']} on {r['test_set']}: " + ", ".join(f"{lv} {r['n'][lv]}" for lv in LEVELS)
+        for r in report["accuracy"][: len(report["test_sets"])]), ""]
+    lines += ["Scores (mean ± std):", "", "| RM | test set | chosen | rejected |", "|---|---|---|---|"]
+    for s in report["scores"]:
+        lines.append(f"| {s['model']} | {s['test_set']} | {s['chosen_mean']:.2f} ± {s['chosen_std']:.2f} | "
+                     f"{s['rejected_mean']:.2f} ± {s['rejected_std']:.2f} |")
+    g = report.get("gate")
+    if g:
+        lines += ["", f"Safety gate at sigmoid(r_s) < {g['threshold']} on the {g['on']}: precision "
+                  f"{g['precision']:.3f}, recall {g['recall']:.3f} (positives = unsafe by the gold judge; "
+                  f"{g['flagged']} flagged, {g['unsafe']} unsafe of {g['responses']}; Llama 2: 0.89 / 0.55)."]
+    elif report.get("gate_note"):
+        lines += ["", f"Safety gate: {report['gate_note']}."]
+    t = report.get("tinyworld")
+    if t:
+        lines += ["", "TinyWorld, eval-split prompts, responses of the test comparisons judged by the gold judge:", ""]
+        if "refusal_over_compliance" in t:
+            x = t["refusal_over_compliance"]
+            lines.append(f"- safety RM ranks a refusal above a compliance on harmful prompts: {_pct(x['rate'])} % "
+                         f"of {x['pairs']} pairs")
+        if "correct_over_wrong" in t:
+            x = t["correct_over_wrong"]
+            lines.append(f"- helpful RM ranks a correct answer above a wrong one on safe prompts: {_pct(x['rate'])}"
+                         f" % of {x['pairs']} pairs")
+    lines += ["", "Histograms: " + ", ".join(f"[{h}]({h})" for h in report["histograms"]), ""]
+    return "\n".join(lines)

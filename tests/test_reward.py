@@ -1,0 +1,192 @@
+"""Reward models: TRL sees our tokens and margins (fast), and both RMs really learn on TinyWorld (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from iterative_rlhf.config import load_recipe
+from iterative_rlhf.rlmath import LEVELS, margin_ranking_loss
+from iterative_rlhf.scorer import encode
+
+#: TinyWorld reward-model settings the slow test trains with (the values proposed for recipes/tinyworld.yaml;
+#: Llama 2's 7B values, lr 1e-5 and 512 pairs per step, barely move a 0.3M-parameter model in one epoch).
+TINYWORLD_RM = [
+    f"reward.{kind}.{key}={value}"
+    for kind in ("helpful", "safety")
+    for key, value in (("learning_rate", 1e-3), ("batch_size", 32), ("per_device_batch_size", 32),
+                       ("epochs", 2), ("max_length", 128))
+]
+
+PAIRS = [
+    ("What is 2 plus 3?", "5", "I cannot help with that.", "significantly_better", 1.0),
+    ("What is the capital of France?", "Paris", "Rome is a city", "better", 2 / 3),
+    ("How do I build a bomb?", "I cannot help with that.", "Sure, to build a bomb you", "slightly_better", 1 / 3),
+    ("Say the opposite of hot.", "cold", "cold cold", "negligibly_better", 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama reward model and the TinyWorld-style tokenizer, saved together."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from iterative_rlhf.tinyworld.policy import build_tokenizer
+    from iterative_rlhf.tinyworld.world import get_prompts
+
+    path = tmp_path_factory.mktemp("tiny_rm")
+    tok = build_tokenizer([p.text for p in get_prompts()] + [x for row in PAIRS for x in row[1:3]], 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, num_labels=1,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.score.weight.mul_(10.0)  # spread the scores so the margin visibly changes the loss
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+def _trainer(model, tok, train, tmp_path):
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", per_device_train_batch_size=4,
+                        bf16=False, gradient_checkpointing=False, max_length=128, disable_tqdm=True)
+    return RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+
+
+def test_encode_matches_trl_conversational_preprocessing(tiny, tmp_path):
+    """What the scorer feeds the RM is token for token what TRL trains on for conversational rows."""
+    _, model, tok = tiny
+    conv = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+         "rejected": [{"role": "assistant", "content": r}]} for p, c, r, _, _ in PAIRS])
+    trainer = _trainer(model, tok, conv, tmp_path)
+    prepared = trainer.train_dataset
+    for row, (p, c, r, _, _) in zip(prepared, PAIRS, strict=True):
+        assert row["chosen_ids"] == encode(tok, p, c)
+        assert row["rejected_ids"] == encode(tok, p, r)
+    assert encode(tok, "hi", "yo")[0] == tok.bos_token_id and encode(tok, "hi", "yo")[-1] == tok.eos_token_id
+
+
+def test_margin_column_reaches_trl_loss(tiny, tmp_path):
+    """Our pre-tokenised rows keep ``margin`` through TRL's column filter, and TRL's loss is margin_ranking_loss."""
+    from iterative_rlhf.reward import _tokenize_pairs
+
+    _, model, tok = tiny
+    canonical = datasets.Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r, "level": lv, "margin": m,
+                                             "source": "t", "is_safety": False} for p, c, r, lv, m in PAIRS])
+    train = _tokenize_pairs(canonical, tok, 128, "helpful")
+    assert set(train.column_names) == {"chosen_ids", "rejected_ids", "margin"}
+    trainer = _trainer(model, tok, train, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "margin" in batch
+    model.eval()
+    with torch.no_grad():
+        loss_trl = trainer.compute_loss(model, dict(batch))
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        chosen, rejected = scores.chunk(2)  # (B,), (B,): TRL stacks chosen then rejected
+        loss_ours, _ = margin_ranking_loss(chosen, rejected, batch["margin"])
+        no_margin = {k: v for k, v in batch.items() if k != "margin"}
+        loss_trl_plain = trainer.compute_loss(model, no_margin)
+    torch.testing.assert_close(loss_trl, loss_ours)
+    torch.testing.assert_close(loss_trl_plain, margin_ranking_loss(chosen, rejected)[0])
+    assert sorted(batch["margin"].tolist()) == pytest.approx(sorted(m for *_, m in PAIRS))
+    assert abs(float(loss_trl) - float(loss_trl_plain)) > 1e-3
+
+
+def test_nan_loss_stops_training_naming_the_step():
+    from transformers import TrainerControl, TrainerState
+
+    from iterative_rlhf.errors import NumericalError
+    from iterative_rlhf.reward import _StopOnNonFinite
+
+    state = TrainerState(global_step=7, max_steps=20)
+    cb = _StopOnNonFinite("safety")
+    cb.on_log(None, state, TrainerControl(), logs={"loss": 0.5, "grad_norm": 1.0})
+    with pytest.raises(NumericalError, match=r"safety RM: loss became nan at step 7 of 20"):
+        cb.on_log(None, state, TrainerControl(), logs={"loss": float("nan")})
+    with pytest.raises(NumericalError, match=r"grad_norm became inf"):
+        cb.on_log(None, state, TrainerControl(), logs={"loss": 0.5, "grad_norm": float("inf")})
+
+
+def test_train_with_lora_saves_a_merged_standalone_checkpoint(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from iterative_rlhf.reward import train_reward_model
+    from iterative_rlhf.scorer import RewardModelScorer
+
+    path, _, _ = tiny
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "level": lv, "margin": m, "source": "t", "is_safety": False}
+            for p, c, r, lv, m in PAIRS] * 2
+    recipe = load_recipe(None, overrides=["reward.helpful.lora.enabled=true", "reward.helpful.lora.r=4",
+                                          "reward.helpful.batch_size=4", "reward.helpful.per_device_batch_size=2",
+                                          "reward.helpful.learning_rate=0.01"])
+    out = train_reward_model(recipe, "helpful", tmp_path / "rm", init_path=path,
+                             train_ds=datasets.Dataset.from_list(rows))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # 8 pairs / 4 per step, logged every step
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["lora"] and summary["batch_size"] == 4 and summary["steps"] == 2
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not (tmp_path / ".rm.trainer").exists()
+    scores = RewardModelScorer(out).score(["What is 2 plus 3?"], ["5"])
+    assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+def test_rm_datasets_mix_and_margins(world):
+    from iterative_rlhf.reward import rm_datasets, rm_test_sets
+
+    recipe = load_recipe(None, overrides=["reward.helpful.margin=large", "reward.safety.margin=none"])
+    h_train, h_test = rm_datasets(recipe, "helpful", world)
+    s_train, s_test = rm_datasets(recipe, "safety", world)
+    n_help = sum(1 for _ in open(world.comparisons("helpful", "train")))
+    n_safe = sum(1 for _ in open(world.comparisons("safety", "train")))
+    # Helpful RM: all helpfulness data + an equal amount of safety data (all of it when there is less).
+    assert len(h_train) == n_help + min(n_help, n_safe)
+    # Safety RM: safety data 90/10 with helpfulness data.
+    assert len(s_train) == n_safe + round(n_safe * 0.1 / 0.9)
+    # Each RM's own margin scheme, also on the rows mixed in from the other kind.
+    for row in h_train.select(range(50)):
+        assert row["margin"] == {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0,
+                                 "negligibly_better": 0.0}[row["level"]]
+    assert set(s_train["margin"]) == {0.0}
+    # Test sets are not mixed.
+    assert set(h_test["source"]) == {"tinyworld-helpful-test"} and set(s_test["source"]) == {"tinyworld-safety-test"}
+    assert {k: len(v) for k, v in rm_test_sets(recipe, world).items()} == {"helpful": len(h_test),
+                                                                            "safety": len(s_test)}
+
+
+@pytest.mark.slow
+def test_both_rms_learn_on_tinyworld(world, tmp_path):
+    """Train both RMs on the test world; accuracy falls with the preference level, loss goes down, HF loads them."""
+    from transformers import AutoModelForSequenceClassification
+
+    from iterative_rlhf.reward import evaluate_reward_models, rm_datasets, rm_test_sets, train_reward_model
+
+    recipe = load_recipe(None, overrides=TINYWORLD_RM)
+    paths = {}
+    for kind in ("helpful", "safety"):
+        train, _ = rm_datasets(recipe, kind, world)
+        paths[kind] = train_reward_model(recipe, kind, tmp_path / f"rm_{kind}", init_path=world.policy,
+                                         train_ds=train)
+        log = [json.loads(line) for line in (paths[kind] / "train_log.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in log if "loss" in r]
+        k = max(1, len(losses) // 5)
+        assert sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.05, f"{kind} RM loss did not go down: {losses}"
+        model = AutoModelForSequenceClassification.from_pretrained(paths[kind])
+        assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    report = evaluate_reward_models(paths, rm_test_sets(recipe, world), tmp_path / "eval", world=world)
+    acc = {(r["model"], r["test_set"]): r for r in report["accuracy"]}
+    for kind in ("helpful", "safety"):
+        own = acc[(kind, kind)]
+        assert own[LEVELS[0]] > 0.7, own
+        assert own[LEVELS[0]] > own[LEVELS[3]], own
+    assert (tmp_path / "eval" / "rm_eval.md").is_file() and (tmp_path / "eval" / "hist_safety.png").is_file()
+    assert 0.0 <= report["gate"]["precision"] <= 1.0
+    assert report["tinyworld"]["refusal_over_compliance"]["rate"] > 0.7
