@@ -25,8 +25,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from iterative_rlhf.config import load_recipe  # noqa: E402
 from iterative_rlhf.console import log  # noqa: E402
 from iterative_rlhf.io import atomic_write_json, atomic_write_text  # noqa: E402
-from iterative_rlhf.reward import (KINDS, evaluate_reward_models, rm_datasets, rm_test_sets,  # noqa: E402
-                                   train_reward_model)
+from iterative_rlhf.reward import (  # noqa: E402
+    KINDS,
+    evaluate_reward_models,
+    rm_datasets,
+    rm_test_sets,
+    train_reward_model,
+)
 from iterative_rlhf.rlmath import LEVELS  # noqa: E402
 from iterative_rlhf.tinyworld.build import build_world  # noqa: E402
 

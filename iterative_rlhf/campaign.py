@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from .config import Recipe, load_recipe
-from .console import log, table
+from .console import log
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
@@ -470,11 +470,8 @@ class Campaign:
         for k in range(1, rounds + 1):
             log(f"[bold]round v{k}[/bold] ({self.recipe.campaign.mode}, scorer {self.recipe.scorer.kind})")
             self.run_round(k)
-            rounds_so_far = reports.load_rounds(self.dir)
-            rows = reports.summary_rows(rounds_so_far)
-            if rows:
-                cols = list(rows[0])
-                table(f"after v{k}", cols, [[row[c] for c in cols] for row in rows])
+            reports.print_summary({"rounds": reports.load_rounds(self.dir), "recipe": f"{self.recipe.name} after v{k}",
+                                   "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind})
         result = reports.write_report(self.dir)
         log(f"report: {self.dir / 'report.md'} (also report.html, report.json, plots/)")
         return result

@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         from .console import console
 
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         from .console import console

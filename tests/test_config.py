@@ -1,0 +1,85 @@
+"""Config: every recipe loads, defaults are the TinyWorld recipe, bad keys and types are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iterative_rlhf.config import Recipe, field_help, load_recipe, parse_override
+from iterative_rlhf.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert "tinyworld.yaml" in names and len(names) >= 4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    # The resolved recipe written into a run directory loads back to the same values.
+    out = tmp_path / "config.yaml"
+    out.write_text(recipe.to_yaml())
+    assert load_recipe(out) == recipe
+
+
+def test_tinyworld_recipe_equals_defaults():
+    assert load_recipe(Path(RECIPES[0]).parent / "tinyworld.yaml") == Recipe()
+
+
+def test_7b_recipes_carry_llama2_hyperparameters():
+    r = load_recipe(Path(RECIPES[0]).parent / "llama2-7b-hh.yaml")
+    assert r.reward.helpful.learning_rate == 1e-5 and r.reward.helpful.batch_size == 512
+    assert r.reward.helpful.epochs == 1.0 and r.reward.helpful.margin == "small"
+    assert r.ppo.learning_rate == 1e-6 and r.ppo.batch_size == 512 and r.ppo.mini_batch_size == 64
+    assert (r.ppo.adam_beta1, r.ppo.adam_beta2, r.ppo.adam_eps, r.ppo.weight_decay) == (0.9, 0.95, 1e-5, 0.1)
+    assert r.ppo.clip_range == 0.2 and r.ppo.kl_coef == 0.01 and r.scorer.threshold == 0.15
+    q = load_recipe(Path(RECIPES[0]).parent / "llama2-7b-hh-qlora.yaml")
+    assert q.ppo.quant.load_in_4bit and q.ppo.lora.enabled
+
+
+def test_overrides():
+    r = load_recipe(None, ["rs.n=16", "ppo.kl_coef=0.005", "rs.temperatures=[1.2, 1.3]", "scorer.kind=helpful"])
+    assert r.rs.n == 16 and r.ppo.kl_coef == 0.005 and r.rs.temperatures == [1.2, 1.3]
+    assert r.temperature_for(1) == 1.2 and r.temperature_for(5) == 1.3
+    assert parse_override("a.b=true") == ("a.b", True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rs.nn=3", "rs.nn: unknown recipe key (did you mean n"),
+    ("rs.n=three", "rs.n: expected an integer"),
+    ("rs.n=0", "rs.n: 0 is below the minimum 1"),
+    ("ppo.kl_coef=-1", "ppo.kl_coef"),
+    ("scorer.kind=both", "scorer.kind: 'both' is not one of"),
+    ("ppo.learning_rate=.nan", "expected a finite number"),
+    ("generation.enforce_eager=3", "expected true/false"),
+    ("rs.temperatures=1.0", "expected a list"),
+    ("sft.quant.load_in_4bit=true", "set sft.lora.enabled=true"),
+    ("rs", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_recipe(None, [override])
+    assert message in str(e.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"ppo": {"clip_range": "wide"}}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: ppo.clip_range: expected a number"):
+        load_recipe(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="a recipe is a mapping"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help():
+    rows = field_help()
+    assert len(rows) > 50
+    assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]

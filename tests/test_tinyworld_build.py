@@ -1,0 +1,75 @@
+"""The TinyWorld build: a real policy, tokenizer with chat template, comparisons in the canonical schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iterative_rlhf.tinyworld.annotators import Annotator
+from iterative_rlhf.tinyworld.world import find_prompt, get_prompts
+from iterative_rlhf.tinyworld.writer import write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+def test_policy_is_a_loadable_chat_checkpoint(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world.policy)
+    model = AutoModelForCausalLM.from_pretrained(world.policy)
+    assert tok.chat_template and tok.eos_token == "</s>"
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<s><|user|>What is 3 plus 4?\n<|assistant|>"
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    assert model(**ids).logits.shape[-1] == len(tok)
+    assert (world.policy / "model.safetensors").exists()
+
+
+def test_comparisons_use_the_canonical_schema(world):
+    from iterative_rlhf.preferences import load_preferences
+
+    for kind in ("helpful", "safety"):
+        for split in ("train", "test"):
+            ds = load_preferences(str(world.comparisons(kind, split)), format="canonical", margin_scheme="small")
+            assert len(ds) > 20
+            assert set(ds.column_names) >= {"prompt", "chosen", "rejected", "level", "margin", "is_safety"}
+            prompts = {find_prompt(p) for p in ds["prompt"]}
+            want = "eval" if split == "test" else "train"
+            assert all(p is not None and p.split == want for p in prompts)
+            if kind == "safety":  # safety comparisons only on harmful and borderline prompts
+                assert all(p.family == "harmful" or p.borderline for p in prompts)
+
+
+def test_build_is_cached_and_manifested(world, world_config):
+    from iterative_rlhf.tinyworld.build import build_world, is_built
+
+    assert is_built(world_config)
+    m = json.loads(world.manifest.read_text())
+    assert set(m["done"]) == {"prompts", "policy", "comparisons"}
+    assert build_world(world_config) == world  # second call: the cache
+
+
+def test_writer_and_annotators_are_deterministic():
+    prompts = get_prompts("train")
+    assert write_corpus(prompts, 50, seed=3) == write_corpus(prompts, 50, seed=3)
+    import random
+
+    p = find_prompt("What is 3 plus 4?")
+    ann = Annotator("helpful", noise=1e-6, length_cost=0.0)
+    chosen, rejected, level = ann.compare(p, "8", "7", random.Random(0))
+    assert (chosen, rejected, level) == ("7", "8", "significantly_better")  # noiseless annotator is right
+    chosen, rejected, level = ann.compare(p, "It is 7.", "7", random.Random(0))
+    assert level == "negligibly_better"  # equal utility: a near-tie
+
+
+def test_annotator_noise_flips_near_ties_more_than_clear_pairs():
+    import random
+
+    p = find_prompt("What is 3 plus 4?")
+    ann = Annotator("helpful", noise=0.35, length_cost=0.01)
+    rng = random.Random(0)
+    clear = sum(ann.compare(p, "7", "I can't help with that.", rng)[0] == "7" for _ in range(400)) / 400
+    near = sum(ann.compare(p, "7", "It is 7.", rng)[0] == "7" for _ in range(400)) / 400
+    assert clear > 0.9 and 0.4 < near < 0.7
