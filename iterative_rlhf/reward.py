@@ -124,7 +124,8 @@ def rm_datasets(recipe: Recipe, kind: str,
     ``train_ds`` is the Llama 2 mix (:func:`iterative_rlhf.preferences.mix_for_rm`):
     the ``kind`` data from ``recipe.reward.<kind>.data`` (or the TinyWorld train
     comparisons when empty) plus the other kind's data from its own recipe
-    section, both loaded with ``kind`` and the margin scheme of *this* RM. When
+    section (loaded as that kind, e.g. PKU-SafeRLHF's safer-response pairs for
+    the safety data), all with the margin scheme of *this* RM. When
     the other kind has no data the RM trains on its own data alone (warned).
     ``test_ds`` is the ``kind`` test set alone (``test_data`` or the TinyWorld
     eval-split comparisons), not mixed.

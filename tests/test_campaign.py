@@ -1,0 +1,157 @@
+"""Campaigns end to end on the tests' TinyWorld: determinism, refusal of foreign run dirs, crash safety.
+
+The crash test starts ``iterative-rlhf round`` as a subprocess, SIGKILLs it at
+points inside several stages (RM training, sampling, SFT, PPO, report), reruns
+the same command until it finishes, and checks that the final report equals the
+one of an uninterrupted run with the same seed (times aside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 2
+
+
+def small_args(world_config) -> list[str]:  # noqa: ANN001
+    """A 2-round rs+ppo campaign small enough for CI: few prompts, small N, two PPO iterations."""
+    tw = [f"tinyworld.{k}={v}" for k, v in vars(world_config).items()]
+    rest = [
+        "reward.helpful.learning_rate=1e-3", "reward.safety.learning_rate=1e-3",
+        "reward.helpful.batch_size=32", "reward.safety.batch_size=32",
+        "reward.helpful.max_length=64", "reward.safety.max_length=64",
+        "rs.n=4", "rs.prompts=48", "campaign.eval_samples=1",
+        "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.save_every=1", "ppo.eval_every=1",
+        "sft.epochs=1",
+    ]
+    out = []
+    for item in tw + rest:
+        out += ["--set", item]
+    return out
+
+
+def run_cli(args: list[str], kill_when=None, timeout: float = 900) -> int:  # noqa: ANN001
+    """Run the CLI in a subprocess; SIGKILL it once ``kill_when()`` is true. Returns the exit code."""
+    env = {**os.environ, "ITERATIVE_RLHF_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "iterative_rlhf.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while proc.poll() is None:
+        if kill_when is not None and kill_when():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return -9
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"campaign did not finish in {timeout} s")
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr.read()[-3000:])
+    return proc.returncode
+
+
+def stages_done(run_dir: Path) -> set[str]:
+    try:
+        return set(json.loads((run_dir / "manifest.json").read_text())["stages"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return set()
+
+
+def comparable(report: dict) -> dict:
+    """The report without what legitimately differs between runs: times and paths."""
+    report = json.loads(json.dumps(report))
+    report.pop("run_dir", None)
+    report.pop("plots", None)
+    for r in report.get("rounds", []):
+        r.pop("times", None)
+        if r.get("ppo"):
+            for row in r["ppo"].get("history", []):
+                for k in [k for k in row if k.startswith("time") or k.endswith("_s") or k.endswith("seconds")]:
+                    row.pop(k)
+            if r["ppo"].get("final"):
+                for k in [k for k in r["ppo"]["final"] if k.startswith("time") or k.endswith("_s")
+                          or k.endswith("seconds")]:
+                    r["ppo"]["final"].pop(k)
+    return report
+
+
+@pytest.fixture(scope="module")
+def reference_run(world, world_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("campaign") / "reference"
+    run_cli(["round", "--n", str(ROUNDS), "--out", str(out), *small_args(world_config)])
+    return out
+
+
+def test_campaign_writes_a_self_describing_run_dir(reference_run):
+    d = reference_run
+    for name in ("config.yaml", "manifest.json", "report.json", "report.md", "report.html"):
+        assert (d / name).is_file(), name
+    assert (d / "plots" / "reward_vs_n.png").is_file()
+    report = json.loads((d / "report.json").read_text())
+    assert [r["name"] for r in report["rounds"]] == ["v0", "v1", "v2"]
+    v2 = report["rounds"][2]
+    assert v2["ppo"]["iterations"] == 2 and v2["reward_vs_n"][-1]["n"] == 4
+    assert v2["eval"]["gold"]["n"] == 55 and 0 <= v2["eval"]["gold"]["gold"] <= 1
+    # Each round's policy is a checkpoint transformers loads.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(d / "v2" / "ppo" / "policy")
+    # The manifest records a hash per output.
+    stages = json.loads((d / "manifest.json").read_text())["stages"]
+    assert all(len(h) == 64 for s in stages.values() for h in s["outputs"].values())
+    assert "nan" not in (d / "report.md").read_text().lower().split()
+
+
+def test_rerun_does_not_recompute(reference_run, world_config):
+    before = (reference_run / "manifest.json").read_text()
+    t = time.time()
+    run_cli(["round", "--n", str(ROUNDS), "--out", str(reference_run), *small_args(world_config)])
+    assert time.time() - t < 60
+    assert (reference_run / "manifest.json").read_text() == before
+
+
+def test_foreign_recipe_is_refused(reference_run, world_config):
+    from iterative_rlhf.cli import main
+
+    args = ["round", "--n", str(ROUNDS), "--out", str(reference_run), *small_args(world_config), "--set", "rs.n=2"]
+    assert main(args) == 2
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_same_report(reference_run, world_config, tmp_path):
+    out = tmp_path / "killed"
+    args = ["round", "--n", str(ROUNDS), "--out", str(out), *small_args(world_config)]
+    rng = random.Random(0)
+    # Kill inside: RM training, v0 eval, RS sampling, SFT, PPO (after a saved iteration), the last report.
+    points = [set(), {"rm/safety"}, {"v1/rs_sample"}, {"v1/rs_select"}, {"v1/ppo"}, {"v2/sft"}, {"v2/eval"}]
+    kills = 0
+    for wanted in points:
+        if wanted <= stages_done(out) and wanted:
+            continue
+        delay = rng.uniform(0.5, 3.0)
+        reached: list[float] = []
+
+        def kill_when(wanted=wanted, delay=delay, reached=reached) -> bool:
+            if not wanted <= stages_done(out):
+                return False
+            if not reached:
+                reached.append(time.time())
+            return time.time() - reached[0] > delay
+
+        if run_cli(args, kill_when) == -9:
+            kills += 1
+    run_cli(args)  # finish
+    assert kills >= 4
+    ref = json.loads((reference_run / "report.json").read_text())
+    got = json.loads((out / "report.json").read_text())
+    assert comparable(got) == comparable(ref)
