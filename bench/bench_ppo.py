@@ -322,16 +322,19 @@ def tinyworld(args: argparse.Namespace) -> None:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    run_ppo(recipe, policy_path=str(world.policy), helpful_rm="-", safety_rm="-", out_dir=out, prompts=train,
-            eval_prompts=evalp, scorer=GoldScorer(), seed=args.seed,
+    # --rm-dir: the learned RMs (helpful/, safety/) through the GatedScorer; default: the gold judge
+    rms = Path(args.rm_dir) if args.rm_dir else None
+    run_ppo(recipe, policy_path=str(world.policy), helpful_rm=str(rms / "helpful") if rms else "-",
+            safety_rm=str(rms / "safety") if rms else "-", out_dir=out, prompts=train, eval_prompts=evalp,
+            scorer=None if rms else GoldScorer(), seed=args.seed,
             eval_metrics=lambda rows, rs: metrics([(r["prompt"], x) for r, x in zip(rows, rs, strict=True)]))
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     table = [{k: r.get(k) for k in ("iteration", "reward", "kl", "entropy", "response_length", "eval_reward",
                                     "eval_gold", "eval_helpful_rate", "eval_violation_rate",
                                     "eval_false_refusal_rate") if k in r} for r in rows]
-    result = {"world": args.world_config, "overrides": overrides, "seed": args.seed, "wall_seconds": wall,
-              "rows": table}
+    result = {"world": args.world_config, "scorer": "gated (learned RMs)" if rms else "gold judge",
+              "overrides": overrides, "seed": args.seed, "wall_seconds": wall, "rows": table}
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "ppo_tinyworld.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"name": args.name, **result}) + "\n")
@@ -360,6 +363,7 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--world-config", choices=["default", "tests"], default="default")
+    t.add_argument("--rm-dir", default=None, help="folder with helpful/ and safety/ RMs: score with the GatedScorer")
     args = ap.parse_args()
     if args.cmd == "setup":
         setup(args)

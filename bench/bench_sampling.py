@@ -33,6 +33,7 @@ see ``bench/README.md``).
 
 Command (from the repository root)::
 
+    python bench/bench_sampling.py prepare    # build the TinyWorld (num_heads=3), train the 25M model
     python bench/bench_sampling.py            # -> bench/results/sampling_cpu.json
     python bench/bench_sampling.py --models tinyworld --engines hf,vllm --repeats 1   # a quick look
 """
@@ -192,16 +193,23 @@ def n_params(path: Path) -> int:
     return total
 
 
-def run(args: argparse.Namespace) -> None:
+def prepare(args: argparse.Namespace) -> dict[str, Path]:
     policy = Path(args.tinyworld_policy) if args.tinyworld_policy else tinyworld_policy()
     paths = {"tinyworld": policy}
     if "llama25m" in args.models:
         paths["llama25m"] = llama25m(policy)
+    return paths
+
+
+def run(args: argparse.Namespace) -> None:
+    from iterative_rlhf.tinyworld.world import get_prompts
+
+    paths = prepare(args)
     result = {"command": "python bench/bench_sampling.py " + " ".join(sys.argv[1:]), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_avg_before": os.getloadavg(),
-              "settings": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
-                           "temperature": args.temperature, "dtype": args.dtype, "repeats": args.repeats,
-                           "hf_batch_size": args.hf_batch_size},
+              "settings": {"prompts": len(get_prompts("eval")[: args.prompts]), "n": args.n,
+                           "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                           "dtype": args.dtype, "repeats": args.repeats, "hf_batch_size": args.hf_batch_size},
               "models": {}}
     for name in args.models:
         path = paths[name]
@@ -210,8 +218,8 @@ def run(args: argparse.Namespace) -> None:
             if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")},
             "engines": {}}
         for engine in args.engines:
-            env = {**os.environ, "ITERATIVE_RLHF_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   **ENGINES[engine][1]}
+            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's default unless set
+            env.update({"ITERATIVE_RLHF_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", **ENGINES[engine][1]})
             cmd = [sys.executable, __file__, "measure", "--engine", engine, "--model-path", str(path),
                    "--prompts", str(args.prompts), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
                    "--temperature", str(args.temperature), "--dtype", args.dtype, "--repeats", str(args.repeats),
@@ -247,24 +255,27 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "measure"])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "prepare", "measure"],
+                    help="run: prepare + measure all; prepare: build/train the models only")
     ap.add_argument("--models", default="tinyworld,llama25m", type=lambda s: s.split(","))
     ap.add_argument("--engines", default="hf,hf-t1,vllm,vllm-r0,vllm-inproc", type=lambda s: s.split(","))
     ap.add_argument("--tinyworld-policy", help="TinyWorld policy checkpoint to use instead of building the world "
                     "with num_heads=3 (any TinyWorld policy whose head_dim vLLM's CPU attention supports)")
     ap.add_argument("--engine", choices=sorted(ENGINES), help="(measure) the engine to time")
     ap.add_argument("--model-path", help="(measure) checkpoint folder")
-    ap.add_argument("--prompts", type=int, default=64, help="TinyWorld eval prompts (64 in all)")
+    ap.add_argument("--prompts", type=int, default=64, help="TinyWorld eval prompts (at most; there are 55)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (best-of-N)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-batch-size", type=int, default=256, help="generation.batch_size of the HF engine")
     ap.add_argument("--out", default="sampling_cpu.json", help="file name under bench/results/")
     args = ap.parse_args()
     if args.mode == "measure":
         print(json.dumps(measure(args)))
+    elif args.mode == "prepare":
+        print(prepare(args))
     else:
         run(args)
 

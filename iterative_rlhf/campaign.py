@@ -364,8 +364,9 @@ class Campaign:
                 out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts, whiten=whiten,
                 seed=self.seed(k, "ppo"))
         history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
-        atomic_write_json(d / "ppo.json", {"iterations": len(history), "history": history,
-                                            "final": history[-1] if history else None,
+        trained = [row for row in history if "reward" in row]  # iteration 0 is the evaluation before training
+        atomic_write_json(d / "ppo.json", {"iterations": len(trained), "history": history,
+                                            "final": trained[-1] if trained else None,
                                             "seconds": time.time() - t})
 
     def evaluate(self, k: int) -> None:

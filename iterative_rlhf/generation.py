@@ -129,10 +129,11 @@ class HFEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named weights into the model in place (a subset is fine; unknown names are an error)."""
         state = dict(named_tensors)
-        result = self.model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise UserError(f"load_weights: {len(result.unexpected_keys)} names are not weights of this model "
-                            f"(first: {result.unexpected_keys[0]!r}); pass the policy's HF state_dict")
+        unknown = sorted(set(state) - set(self.model.state_dict()))
+        if unknown:
+            raise UserError(f"load_weights: {len(unknown)} names are not weights of this model "
+                            f"(first: {unknown[0]!r}); pass the policy's HF state_dict")
+        self.model.load_state_dict(state, strict=False)  # copies in place: parameters (and optimisers) stay
 
     def close(self) -> None:
         self.model = None

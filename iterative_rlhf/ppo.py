@@ -376,7 +376,7 @@ def _finite(x: Tensor, what: str, iteration: int) -> None:
 def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_values: Tensor, adv: Advantages,
                cfg: PPOConfig, *, mini_batch_size: int, generator: torch.Generator,
                iteration: int) -> dict[str, float]:
-    """``cfg.ppo_epochs`` passes over random mini-batches: one policy step and one value step each.
+    """``cfg.ppo_epochs`` passes over random mini-batches: one policy step and one value step each (AdamW).
 
     Args:
         models: policy, value model, optimisers and accelerator.
@@ -413,19 +413,19 @@ def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_va
             new_logprobs = logprobs_from_logits(logits, mb.response)  # (b, r)
             pg_loss, pg_diag = policy_loss(new_logprobs, mb_old_logprobs, mb_advantages, mb_mask, cfg.clip_range)
             _finite(pg_loss, "the policy loss", iteration)
-            acc.backward(pg_loss)
-            grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
-            _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
-            models.policy_opt.step()
-            models.policy_opt.zero_grad(set_to_none=True)
-
             new_values = value_predictions(models.value, mb)  # (b, r)
             vf_loss, vf_diag = value_loss(new_values, mb_old_values, mb_returns, mb_mask, cfg.value_clip_range)
             _finite(vf_loss, "the value loss", iteration)
-            acc.backward(vf_loss)
+            # The two models share no parameter, so one backward of the sum gives each model exactly the
+            # gradient of its own loss; each is clipped and stepped with its own optimiser (and learning rate).
+            acc.backward(pg_loss + vf_loss)
+            grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
             value_grad_norm = acc.clip_grad_norm_(models.value.parameters(), cfg.max_grad_norm)
+            _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
             _finite(torch.as_tensor(value_grad_norm), "the value gradient norm", iteration)
+            models.policy_opt.step()
             models.value_opt.step()
+            models.policy_opt.zero_grad(set_to_none=True)
             models.value_opt.zero_grad(set_to_none=True)
 
             with torch.no_grad():
@@ -555,8 +555,11 @@ def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) 
 
     def adamw(model, lr: float) -> torch.optim.Optimizer:  # noqa: ANN001
         params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay)
+        kw = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        try:  # the fused kernel: one call for all tensors (on the CPU the default loops tensor by tensor)
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            return torch.optim.AdamW(params, foreach=True, **kw)
 
     policy_opt, value_opt = adamw(policy, cfg.learning_rate), adamw(value, cfg.value_learning_rate)
     policy, value, policy_opt, value_opt = accelerator.prepare(policy, value, policy_opt, value_opt)
@@ -882,141 +885,147 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
                              trust_remote_code=recipe.model.trust_remote_code)
     engine = _make_engine(recipe, models, policy_path, seed)
 
-    # ------------------------------------------------------------------ resume or start
-    trainer_state: dict[str, Any] = {"iteration": 0, "best_eval_reward": None, "best_iteration": None,
-                                     "evals_without_improvement": 0, "stopped_early": False, "whiten": None}
-    resumed = (out_dir / "state" / "trainer_state.json").is_file()
-    if resumed:
-        trainer_state = load_state(models, out_dir)
-        if main:
-            _truncate_metrics(out_dir / "metrics.jsonl", trainer_state["iteration"])
-        log(f"PPO: resuming {out_dir} after iteration {trainer_state['iteration']}")
-    elif main and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()  # a run that never saved a state starts over
-    if trainer_state["whiten"] is not None:
-        whiten = WhitenStats(**trainer_state["whiten"])
-    with _quiet():
-        engine, _, _ = _sync_engine(engine, models, recipe, out_dir, seed)
-        if whiten is None and recipe.scorer.whiten:
-            whiten = _fit_whitening(engine, scorer, train_rows, recipe, seed, accelerator)
-        scorer.set_whitening(whiten if recipe.scorer.whiten else None)
-    if whiten is not None:
-        trainer_state["whiten"] = {"mean": whiten.mean, "std": whiten.std}
-        if main:
-            atomic_write_json(out_dir / "whiten.json", trainer_state["whiten"])
-            if recipe.scorer.whiten:
-                log(f"PPO: reward whitening mean {whiten.mean:.3f}, std {whiten.std:.3f} (fixed for this stage)")
-
-    local_mini = cfg.mini_batch_size // world
-    max_new = recipe.generation.max_new_tokens
-    eval_seed = _seed_for(seed, 0, salt=29)
-
-    def run_eval(iteration: int) -> dict[str, float]:
-        """Evaluate, update the best checkpoint and the early-stopping counter."""
-        with _quiet():
-            ev = evaluate(engine, scorer, eval_rows, cfg, max_new_tokens=max_new, seed=eval_seed,
-                          accelerator=accelerator, eval_metrics=eval_metrics)
-        best = trainer_state["best_eval_reward"]
-        if best is None or ev["eval_reward"] > best:
-            trainer_state.update(best_eval_reward=ev["eval_reward"], best_iteration=iteration,
-                                 evals_without_improvement=0)
-            if main and iteration > 0:
-                tmp = atomic_dir(out_dir / "best")
-                _save_trainable(models.unwrapped_policy(), tmp / "policy.safetensors")
-                atomic_write_json(tmp / "best.json", {"iteration": iteration, **ev})
-                commit_dir(tmp, out_dir / "best")
-        else:
-            trainer_state["evals_without_improvement"] += 1
-        accelerator.wait_for_everyone()
-        return ev
-
-    start = trainer_state["iteration"] + 1
-    if not resumed:
-        ev0 = run_eval(0)
-        if main:
-            append_jsonl(out_dir / "metrics.jsonl", {"iteration": 0, **ev0})
-        log(f"PPO: start, held-out reward {ev0['eval_reward']:.3f}")
-
-    # ------------------------------------------------------------------ iterations
-    with progress("PPO", cfg.iterations) as advance:
-        advance(start - 1)
-        for iteration in range(start, cfg.iterations + 1):
-            if trainer_state["stopped_early"]:
-                break
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            # 1. rollout (vLLM first receives the weights of the last update)
-            with _quiet():
-                engine, sync_s, sync_how = _sync_engine(engine, models, recipe, out_dir, seed)
-                idx = iteration_prompts(len(train_rows), cfg.batch_size, iteration, seed)
-                rows = _shard([train_rows[i] for i in idx], accelerator)
-                batch, comps = rollout(engine, tokenizer, [r["prompt"] for r in rows], temperature=cfg.temperature,
-                                       max_new_tokens=max_new, seed=_seed_for(seed, iteration))
-            batch = batch.to(accelerator.device)
-            t_gen = time.perf_counter()
-            # 2. score: WHITEN(LOGIT(R_c)) (Llama 2 eq. 3-4)
-            with _quiet():
-                sb = scorer.score([r["prompt"] for r in rows], [c.text for c in comps],
-                                  [bool(r.get("is_safety", False)) for r in rows])
-            scores = sb.reward.to(accelerator.device).float()  # (B,)
-            if not bool(torch.isfinite(scores).all()):
-                raise NumericalError(f"PPO iteration {iteration}: the reward is NaN or inf for "
-                                     f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} rollouts; check the "
-                                     "reward models (the last saved state in out_dir/state is kept)")
-            t_score = time.perf_counter()
-            # 3-4. KL-penalised token rewards (eq. 4) and GAE
-            # no-grad passes are inference: chunks as large as a generation batch
-            logprobs, ref_logprobs, values = rollout_forward(models, batch, cfg.temperature,
-                                                             max(local_mini, recipe.generation.batch_size))
-            mask = batch.response_mask
-            adv = compute_advantages(scores, logprobs, ref_logprobs, values, mask, cfg)
-            # 5. update epochs over mini-batches
-            gen = torch.Generator().manual_seed(_seed_for(seed, iteration, salt=3))
-            upd = ppo_update(models, batch, logprobs, values, adv, cfg, mini_batch_size=local_mini,
-                             generator=gen, iteration=iteration)
-            t_train, cpu_train = time.perf_counter(), time.process_time()
-            # 6. log
-            seq_kl = masked_sum(adv.kl, mask, dim=1)  # (B,) per-sequence sum of k1
-            m = {
-                "reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "helpful": float(sb.helpful.float().mean()), "safety": float(sb.safety.float().mean()),
-                "kl": float(seq_kl.mean()), "non_score_reward": float(-cfg.kl_coef * seq_kl.mean()),
-                **upd,
-                "explained_variance": explained_variance(values, adv.returns, mask),
-                "value_mean": float(masked_mean(values, mask)), "return_mean": float(masked_mean(adv.returns, mask)),
-                "response_length": float(mask.sum(1).float().mean()),
-                "finished": sum(c.finished for c in comps) / max(len(comps), 1),
-                "time_generation": t_gen - t0, "time_scoring": t_score - t_gen, "time_training": t_train - t_score,
-                "time_sync": sync_s,
-                "cpu_seconds": cpu_train - cpu0,  # CPU time of this process (all threads): robust to a busy machine
-            }
-            if getattr(sb, "used_safety", None) is not None:
-                m["used_safety"] = float(sb.used_safety.float().mean())
-            m = _mean_across(m, accelerator)
-            m["sync"] = sync_how
-            trainer_state["iteration"] = iteration
-            last = iteration == cfg.iterations
-            if iteration % cfg.eval_every == 0 or last:
-                m.update(run_eval(iteration))
-                patience = cfg.early_stopping_patience
-                if patience and trainer_state["evals_without_improvement"] >= patience:
-                    trainer_state["stopped_early"] = True
-            m["time_iteration"] = time.perf_counter() - t0
+    try:
+        # ------------------------------------------------------------------ resume or start
+        trainer_state: dict[str, Any] = {"iteration": 0, "best_eval_reward": None, "best_iteration": None,
+                                         "evals_without_improvement": 0, "stopped_early": False, "whiten": None}
+        resumed = (out_dir / "state" / "trainer_state.json").is_file()
+        if resumed:
+            trainer_state = load_state(models, out_dir)
             if main:
-                append_jsonl(out_dir / "metrics.jsonl", {"iteration": iteration, **m})
-            log(f"PPO {iteration}/{cfg.iterations}: reward {m['reward']:+.3f}  kl {m['kl']:.3f}  "
-                f"entropy {m['entropy']:.2f}  clipfrac {m['clipfrac']:.3f}  vf_loss {m['vf_loss']:.3f}  "
-                f"ev {m['explained_variance']:+.2f}  len {m['response_length']:.1f}"
-                + (f"  eval {m['eval_reward']:+.3f}" if "eval_reward" in m else "")
-                + f"  ({m['time_iteration']:.1f}s)")
-            if iteration % cfg.save_every == 0 or last or trainer_state["stopped_early"]:
+                _truncate_metrics(out_dir / "metrics.jsonl", trainer_state["iteration"])
+            log(f"PPO: resuming {out_dir} after iteration {trainer_state['iteration']}")
+        elif main and (out_dir / "metrics.jsonl").exists():
+            (out_dir / "metrics.jsonl").unlink()  # a run that never saved a state starts over
+        if trainer_state["whiten"] is not None:
+            whiten = WhitenStats(**trainer_state["whiten"])
+        with _quiet():
+            engine, _, _ = _sync_engine(engine, models, recipe, out_dir, seed)
+            if whiten is None and recipe.scorer.whiten:
+                whiten = _fit_whitening(engine, scorer, train_rows, recipe, seed, accelerator)
+            scorer.set_whitening(whiten if recipe.scorer.whiten else None)
+        if whiten is not None:
+            trainer_state["whiten"] = {"mean": whiten.mean, "std": whiten.std}
+            if main:
+                atomic_write_json(out_dir / "whiten.json", trainer_state["whiten"])
+                if recipe.scorer.whiten:
+                    log(f"PPO: reward whitening mean {whiten.mean:.3f}, std {whiten.std:.3f} (fixed for this stage)")
+
+        local_mini = cfg.mini_batch_size // world
+        max_new = recipe.generation.max_new_tokens
+        eval_seed = _seed_for(seed, 0, salt=29)
+
+        def run_eval(iteration: int) -> dict[str, float]:
+            """Evaluate, update the best checkpoint and the early-stopping counter."""
+            with _quiet():
+                ev = evaluate(engine, scorer, eval_rows, cfg, max_new_tokens=max_new, seed=eval_seed,
+                              accelerator=accelerator, eval_metrics=eval_metrics)
+            best = trainer_state["best_eval_reward"]
+            if best is None or ev["eval_reward"] > best:
+                trainer_state.update(best_eval_reward=ev["eval_reward"], best_iteration=iteration,
+                                     evals_without_improvement=0)
+                if main and iteration > 0:
+                    tmp = atomic_dir(out_dir / "best")
+                    _save_trainable(models.unwrapped_policy(), tmp / "policy.safetensors")
+                    atomic_write_json(tmp / "best.json", {"iteration": iteration, **ev})
+                    commit_dir(tmp, out_dir / "best")
+            else:
+                trainer_state["evals_without_improvement"] += 1
+            accelerator.wait_for_everyone()
+            return ev
+
+        start = trainer_state["iteration"] + 1
+        if not resumed:
+            ev0 = run_eval(0)
+            if main:
+                append_jsonl(out_dir / "metrics.jsonl", {"iteration": 0, **ev0})
+            log(f"PPO: start, held-out reward {ev0['eval_reward']:.3f}")
+
+        # ------------------------------------------------------------------ iterations
+        with progress("PPO", cfg.iterations) as advance:
+            advance(start - 1)
+            for iteration in range(start, cfg.iterations + 1):
+                if trainer_state["stopped_early"]:
+                    break
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                # 1. rollout (vLLM first receives the weights of the last update)
+                with _quiet():
+                    engine, sync_s, sync_how = _sync_engine(engine, models, recipe, out_dir, seed)
+                    idx = iteration_prompts(len(train_rows), cfg.batch_size, iteration, seed)
+                    rows = _shard([train_rows[i] for i in idx], accelerator)
+                    batch, comps = rollout(engine, tokenizer, [r["prompt"] for r in rows], temperature=cfg.temperature,
+                                           max_new_tokens=max_new, seed=_seed_for(seed, iteration))
+                batch = batch.to(accelerator.device)
+                t_gen = time.perf_counter()
+                # 2. score: WHITEN(LOGIT(R_c)) (Llama 2 eq. 3-4)
+                with _quiet():
+                    sb = scorer.score([r["prompt"] for r in rows], [c.text for c in comps],
+                                      [bool(r.get("is_safety", False)) for r in rows])
+                scores = sb.reward.to(accelerator.device).float()  # (B,)
+                if not bool(torch.isfinite(scores).all()):
+                    raise NumericalError(f"PPO iteration {iteration}: the reward is NaN or inf for "
+                                         f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} rollouts; check the "
+                                         "reward models (the last saved state in out_dir/state is kept)")
+                t_score = time.perf_counter()
+                # 3-4. KL-penalised token rewards (eq. 4) and GAE
+                # no-grad passes are inference: chunks as large as a generation batch
+                logprobs, ref_logprobs, values = rollout_forward(models, batch, cfg.temperature,
+                                                                 max(local_mini, recipe.generation.batch_size))
+                mask = batch.response_mask
+                adv = compute_advantages(scores, logprobs, ref_logprobs, values, mask, cfg)
+                # 5. update epochs over mini-batches
+                gen = torch.Generator().manual_seed(_seed_for(seed, iteration, salt=3))
+                upd = ppo_update(models, batch, logprobs, values, adv, cfg, mini_batch_size=local_mini,
+                                 generator=gen, iteration=iteration)
+                t_train, cpu_train = time.perf_counter(), time.process_time()
+                # 6. log
+                seq_kl = masked_sum(adv.kl, mask, dim=1)  # (B,) per-sequence sum of k1
+                m = {
+                    "reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                    "helpful": float(sb.helpful.float().mean()), "safety": float(sb.safety.float().mean()),
+                    "kl": float(seq_kl.mean()), "non_score_reward": float(-cfg.kl_coef * seq_kl.mean()),
+                    **upd,
+                    "explained_variance": explained_variance(values, adv.returns, mask),
+                    "value_mean": float(masked_mean(values, mask)),
+                    "return_mean": float(masked_mean(adv.returns, mask)),
+                    "response_length": float(mask.sum(1).float().mean()),
+                    "finished": sum(c.finished for c in comps) / max(len(comps), 1),
+                    "time_generation": t_gen - t0, "time_scoring": t_score - t_gen, "time_training": t_train - t_score,
+                    "time_sync": sync_s,
+                    "cpu_seconds": cpu_train - cpu0,  # CPU time of this process (all threads): robust to a busy machine
+                }
+                if getattr(sb, "used_safety", None) is not None:
+                    m["used_safety"] = float(sb.used_safety.float().mean())
+                m = _mean_across(m, accelerator)
+                m["sync"] = sync_how
+                trainer_state["iteration"] = iteration
+                last = iteration == cfg.iterations
+                if iteration % cfg.eval_every == 0 or last:
+                    m.update(run_eval(iteration))
+                    patience = cfg.early_stopping_patience
+                    if patience and trainer_state["evals_without_improvement"] >= patience:
+                        trainer_state["stopped_early"] = True
+                m["time_iteration"] = time.perf_counter() - t0
                 if main:
-                    save_state(models, out_dir, trainer_state)
-                accelerator.wait_for_everyone()
-            advance()
-            if trainer_state["stopped_early"]:
-                log(f"PPO: early stop at iteration {iteration}: held-out reward has not improved on "
-                    f"{trainer_state['best_eval_reward']:.3f} (iteration {trainer_state['best_iteration']}) for "
-                    f"{cfg.early_stopping_patience} evaluations")
+                    append_jsonl(out_dir / "metrics.jsonl", {"iteration": iteration, **m})
+                log(f"PPO {iteration}/{cfg.iterations}: reward {m['reward']:+.3f}  kl {m['kl']:.3f}  "
+                    f"entropy {m['entropy']:.2f}  clipfrac {m['clipfrac']:.3f}  vf_loss {m['vf_loss']:.3f}  "
+                    f"ev {m['explained_variance']:+.2f}  len {m['response_length']:.1f}"
+                    + (f"  eval {m['eval_reward']:+.3f}" if "eval_reward" in m else "")
+                    + f"  ({m['time_iteration']:.1f}s)")
+                if iteration % cfg.save_every == 0 or last or trainer_state["stopped_early"]:
+                    if main:
+                        save_state(models, out_dir, trainer_state)
+                    accelerator.wait_for_everyone()
+                advance()
+                if trainer_state["stopped_early"]:
+                    log(f"PPO: early stop at iteration {iteration}: held-out reward has not improved on "
+                        f"{trainer_state['best_eval_reward']:.3f} (iteration {trainer_state['best_iteration']}) for "
+                        f"{cfg.early_stopping_patience} evaluations")
+    except BaseException:
+        engine.close()  # stops vLLM's processes; the last saved state stays in out_dir/state
+        scorer.close()
+        raise
 
     # ------------------------------------------------------------------ the best policy, standalone
     engine.close()

@@ -49,7 +49,7 @@ from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .preferences import CANONICAL_COLUMNS, FEATURES, load_preferences, mix_for_rm
 from .rlmath import LEVELS, margin_for
-from .scorer import RewardModelScorer, encode, quiet_libraries
+from .scorer import RewardModelScorer, encode, quiet_libraries, small_model_threads
 
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
@@ -341,7 +341,8 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     trainer.remove_callback(ProgressCallback)
     t0 = time.perf_counter()
     try:
-        trainer.train()
+        with small_model_threads(model, trainer.args.device):
+            trainer.train()
     finally:
         if report_to == ["none"] and trainer_dir.exists():
             shutil.rmtree(trainer_dir, ignore_errors=True)
@@ -541,12 +542,11 @@ def evaluate_reward_models(models: dict[str, str | Path], test_sets: dict[str, d
         g = report["gate"]
         log(f"safety RM gate at {threshold}: precision {g['precision']:.3f}, recall {g['recall']:.3f} "
             f"({g['flagged']} flagged, {g['unsafe']} unsafe of {g['responses']} responses)")
-    if "tinyworld" in report:
-        t = report["tinyworld"]
-        log(f"TinyWorld eval: safety RM ranks refusal > compliance on harmful prompts "
-            f"{t['refusal_over_compliance']['rate']:.3f} of {t['refusal_over_compliance']['pairs']} pairs; helpful "
-            f"RM ranks correct > wrong on safe prompts {t['correct_over_wrong']['rate']:.3f} of "
-            f"{t['correct_over_wrong']['pairs']} pairs")
+    for key, what in (("refusal_over_compliance", "safety RM ranks refusal > compliance on harmful prompts"),
+                      ("correct_over_wrong", "helpful RM ranks correct > wrong on safe prompts")):
+        x = report.get("tinyworld", {}).get(key)
+        if x is not None:
+            log(f"TinyWorld eval: {what}: {x['rate']:.3f} of {x['pairs']} pairs")
     log(f"RM evaluation -> {out_dir / 'rm_eval.json'}")
     return report
 

@@ -73,6 +73,7 @@ def comparable(report: dict) -> dict:
     report = json.loads(json.dumps(report))
     report.pop("run_dir", None)
     report.pop("plots", None)
+    (report.get("rm_eval") or {}).pop("models", None)  # checkpoint paths
     for r in report.get("rounds", []):
         r.pop("times", None)
         if r.get("ppo"):

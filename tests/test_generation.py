@@ -63,32 +63,39 @@ def check_well_formed(out: list[list[Completion]], n_prompts: int, n: int, tok, 
             assert c.text == c.text.strip()
 
 
-def per_prompt_rates(prompts: list[tw.Prompt], out: list[list[Completion]], key: str) -> dict[str, float]:
-    """``key`` of :func:`metrics` per prompt, for the prompts that enter its denominator."""
-    rates = {}
+def per_prompt(prompts: list[tw.Prompt], out: list[list[Completion]], key: str) -> dict[str, float]:
+    """Per prompt: ``key`` of :func:`metrics` (for the prompts in its denominator) or ``"length"`` in tokens."""
+    values = {}
     for p, row in zip(prompts, out, strict=True):
+        if key == "length":
+            values[p.text] = sum(len(c.token_ids) for c in row) / len(row)
+            continue
         m = tw.metrics([(p, c.text) for c in row])
         if m[RATE_KEYS[key]]:
-            rates[p.text] = float(m[key])
-    return rates
+            values[p.text] = float(m[key])
+    return values
 
 
 def agreement(prompts: list[tw.Prompt], a: list[list[Completion]], b: list[list[Completion]],
               key: str) -> tuple[float, float]:
-    """(difference of the pooled metric, its standard error) between two engines' samples.
+    """(difference of the pooled statistic, its standard error) between two engines' samples.
 
     Both engines sampled the same prompts, N each, so the comparison is paired
-    per prompt: prompt effects cancel and the per-prompt differences carry the
-    binomial sampling noise of both engines. SE = sd(d_i) / sqrt(P).
+    per prompt: prompt effects cancel and the per-prompt differences d_i carry
+    the (binomial, for rates) sampling noise of both engines, including the
+    correlation of a prompt's N samples that a pooled binomial SE would miss.
+    SE = sd(d_i) / sqrt(P). With equal N per prompt the pooled statistic is
+    the mean of the per-prompt ones.
     """
-    ra, rb = per_prompt_rates(prompts, a, key), per_prompt_rates(prompts, b, key)
-    d = [ra[t] - rb[t] for t in ra]
+    va, vb = per_prompt(prompts, a, key), per_prompt(prompts, b, key)
+    d = [va[t] - vb[t] for t in va]
     mean = sum(d) / len(d)
     var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
-    pooled = (tw.metrics([(p, c.text) for p, row in zip(prompts, a, strict=True) for c in row])[key]
-              - tw.metrics([(p, c.text) for p, row in zip(prompts, b, strict=True) for c in row])[key])
-    assert math.isclose(pooled, mean, abs_tol=1e-9)  # equal N per prompt: pooled = mean of per-prompt rates
-    return pooled, math.sqrt(var / len(d))
+    if key != "length":
+        pooled = (tw.metrics([(p, c.text) for p, row in zip(prompts, a, strict=True) for c in row])[key]
+                  - tw.metrics([(p, c.text) for p, row in zip(prompts, b, strict=True) for c in row])[key])
+        assert math.isclose(pooled, mean, abs_tol=1e-9)
+    return mean, math.sqrt(var / len(d))
 
 
 # --------------------------------------------------------------------------- fast checks
@@ -250,8 +257,8 @@ def test_vllm_and_hf_gold_metrics_agree(vllm_run):
         diff, se = agreement(r["prompts"], r["vllm"], r["hf"], key)
         assert abs(diff) < 4 * se + 0.02, f"{key}: vllm - hf = {diff:+.3f}, SE {se:.3f}"
     # Response lengths agree too (a chat-template or EOS mismatch would show here first).
-    mean_len = lambda out: sum(len(c.token_ids) for row in out for c in row) / sum(len(row) for row in out)  # noqa: E731
-    assert abs(mean_len(r["vllm"]) - mean_len(r["hf"])) < 0.15 * mean_len(r["hf"])
+    diff, se = agreement(r["prompts"], r["vllm"], r["hf"], "length")
+    assert abs(diff) < 4 * se + 0.5, f"mean response tokens: vllm - hf = {diff:+.2f}, SE {se:.2f}"
 
 
 @pytest.mark.vllm
