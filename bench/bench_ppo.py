@@ -4,8 +4,11 @@ Both sides get the same policy, reward model, prompts, batch (64 rollouts,
 4 mini-batches of 16, one PPO epoch: Llama 2's one step per mini-batch),
 response length and temperature. Each side runs in its own process (TRL 1.12
 in its own virtual environment, ``.cache/bench-trl112``), runs a few
-iterations, and reports the median seconds per iteration over the iterations
-after the first (warm-up), and the process's peak RSS (``resource.getrusage``).
+iterations, and reports the median wall and CPU seconds per iteration over the
+iterations after the first (warm-up), and the process's peak RSS
+(``resource.getrusage``). One torch thread: on this machine's 2 shared cores a
+second OpenMP thread spin-waits, and CPU seconds are the figure that other jobs
+on the machine disturb least.
 Ours scores with the full gated scorer (two reward models, here two copies of
 the same RM) where TRL reads one reward model: the comparison is of the
 pipeline as used, not of equal work.

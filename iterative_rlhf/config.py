@@ -87,8 +87,8 @@ class TinyWorldConfig:
     train_steps: int = opt(1500, "Optimiser steps of the base policy pre-training.", min=1)
     train_batch_size: int = opt(64, "Batch size of the base policy pre-training.", min=1)
     learning_rate: float = opt(3e-3, "Peak learning rate of the base policy pre-training.", gt=0.0)
-    comparisons_per_prompt: int = opt(8, "Helpfulness comparisons per prompt.", min=1)
-    safety_comparisons_per_prompt: int = opt(24, "Safety comparisons per harmful or borderline prompt.", min=1)
+    comparisons_per_prompt: int = opt(16, "Helpfulness comparisons per prompt.", min=1)
+    safety_comparisons_per_prompt: int = opt(48, "Safety comparisons per harmful or borderline prompt.", min=1)
     samples_per_prompt: int = opt(4, "Base-policy samples per prompt and temperature (0.7, 1.0, 1.3) that "
                                   "the annotators compare, plus as many from the writer.", min=1)
     annotator_noise: float = opt(0.35, "Bradley-Terry temperature of the annotators: larger = noisier.", gt=0.0)
@@ -105,14 +105,15 @@ class RewardModelConfig:
         "auto", "Format of the files in `data`.")
     test_data: list[str] = opt([], "Held-out comparisons; empty = the TinyWorld eval-split comparisons.")
     margin: Literal["none", "small", "large"] = opt("small", "Margin per preference level (Llama 2 Table 28).")
-    learning_rate: float = opt(1e-5, "Max learning rate (cosine to 10 %, Llama 2).", gt=0.0)
-    epochs: float = opt(1.0, "Epochs over the comparisons (1 in Llama 2: longer overfits).", gt=0.0)
-    batch_size: int = opt(512, "Pairs per optimiser step.", min=1)
-    per_device_batch_size: int = opt(8, "Pairs per forward pass per device (gradient accumulation fills "
+    learning_rate: float = opt(1e-3, "Max learning rate, cosine to 10 % (Llama 2 7B: 1e-5; TinyWorld: 1e-3).",
+                                gt=0.0)
+    epochs: float = opt(2.0, "Epochs over the comparisons (Llama 2: 1, longer overfits; TinyWorld: 2).", gt=0.0)
+    batch_size: int = opt(32, "Pairs per optimiser step (Llama 2: 512).", min=1)
+    per_device_batch_size: int = opt(32, "Pairs per forward pass per device (gradient accumulation fills "
                                      "batch_size).", min=1)
     warmup_ratio: float = opt(0.03, "Warm-up share of the steps (at least 5 steps).", min=0.0, max=1.0)
     weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
-    max_length: int = opt(512, "Tokens of prompt + response.", min=8)
+    max_length: int = opt(128, "Tokens of prompt + response.", min=8)
     center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
@@ -192,12 +193,12 @@ class SFTConfig:
 class PPOConfig:
     """PPO against the gated reward with a KL penalty to a frozen reference (Llama 2 §3.2.3)."""
 
-    iterations: int = opt(20, "PPO iterations (Llama 2: 200-400).", min=1)
+    iterations: int = opt(12, "PPO iterations per round (Llama 2: 200-400).", min=1)
     batch_size: int = opt(64, "Prompts (rollouts) per iteration (Llama 2: 512).", min=1)
     mini_batch_size: int = opt(16, "Rollouts per gradient step (Llama 2: 64).", min=1)
-    ppo_epochs: int = opt(1, "Passes over each batch (Llama 2: one step per mini-batch).", min=1)
-    learning_rate: float = opt(1e-5, "Constant learning rate (Llama 2: 1e-6).", gt=0.0)
-    value_learning_rate: float = opt(1e-4, "Value model learning rate.", gt=0.0)
+    ppo_epochs: int = opt(2, "Passes over each batch (Llama 2: 1, one step per mini-batch).", min=1)
+    learning_rate: float = opt(3e-4, "Constant learning rate (Llama 2 7B: 1e-6; TinyWorld: 3e-4).", gt=0.0)
+    value_learning_rate: float = opt(1e-3, "Value model learning rate.", gt=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = opt(0.95, "AdamW beta2.", min=0.0, max=1.0)
     adam_eps: float = opt(1e-5, "AdamW epsilon.", gt=0.0)
@@ -205,14 +206,14 @@ class PPOConfig:
     max_grad_norm: float = opt(1.0, "Gradient clipping.", gt=0.0)
     clip_range: float = opt(0.2, "Policy ratio clip.", gt=0.0)
     value_clip_range: float = opt(0.2, "Value clip.", gt=0.0)
-    kl_coef: float = opt(0.01, "beta of the per-token KL penalty (0.01 for 7B/13B, 0.005 for 34B/70B).",
-                         min=0.0)
+    kl_coef: float = opt(0.1, "beta of the per-token KL penalty (Llama 2: 0.01 for 7B/13B, 0.005 for 34B/70B; "
+                         "TinyWorld: 0.1, since its small learned RMs are over-optimised at 0.01-0.02).", min=0.0)
     gamma: float = opt(1.0, "GAE discount.", min=0.0, max=1.0)
     lam: float = opt(0.95, "GAE lambda.", min=0.0, max=1.0)
     temperature: float = opt(1.0, "Rollout temperature.", gt=0.0)
     value_init: Literal["reward", "policy"] = opt("reward", "Value model initial weights: the helpfulness RM "
                                                   "or the policy with a fresh scalar head.")
-    eval_every: int = opt(5, "Evaluate held-out prompts' reward every k iterations (early stopping).", min=1)
+    eval_every: int = opt(4, "Evaluate held-out prompts' reward every k iterations (early stopping).", min=1)
     early_stopping_patience: int = opt(3, "Stop after this many evaluations without improvement (0 = never).",
                                        min=0)
     save_every: int = opt(5, "Save a resumable PPO state every k iterations.", min=1)

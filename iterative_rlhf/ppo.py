@@ -44,10 +44,13 @@ Choices the paper leaves open (each one is where it is used):
 * Resume: every ``save_every`` iterations ``out_dir/state/`` is replaced
   atomically. Prompts, sampling seeds and mini-batch orders are functions of
   (seed, iteration), so a resumed run repeats an uninterrupted one exactly.
+* The saved policy is standalone: LoRA merged; with QLoRA the adapter is merged
+  into the full-precision base weights, not into the 4/8-bit ones.
 
 Runs under ``accelerate``: one process on a CPU, ``accelerate launch`` on GPUs
 (each process samples and scores its share of the batch; metrics are averaged
-across processes; only the main process writes files and logs).
+across processes; only the main process writes files and logs). Several CPU
+processes work too (``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 ...``).
 """
 
 from __future__ import annotations
@@ -219,17 +222,21 @@ def truncate_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> tupl
     Returns:
         ``(prompts, n_truncated)``.
     """
+    def rendered_length(text: str) -> int:
+        return len(tokenizer(chat_prompts(tokenizer, [text])[0], add_special_tokens=False)["input_ids"])
+
     out, n_cut = [], 0
     for p in prompts:
-        rendered = chat_prompts(tokenizer, [p])[0]
-        n = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        if n <= max_length:
-            out.append(p)
-            continue
-        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        keep = max(1, len(ids) - (n - max_length))
-        out.append(tokenizer.decode(ids[-keep:], skip_special_tokens=True))
-        n_cut += 1
+        n = rendered_length(p)
+        if n > max_length:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            keep = len(ids)
+            while n > max_length and keep > 1:  # re-tokenising a cut text can merge differently: check again
+                keep = max(1, keep - (n - max_length))
+                p = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+                n = rendered_length(p)
+            n_cut += 1
+        out.append(p)
     return out, n_cut
 
 
@@ -413,23 +420,26 @@ def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_va
             new_logprobs = logprobs_from_logits(logits, mb.response)  # (b, r)
             pg_loss, pg_diag = policy_loss(new_logprobs, mb_old_logprobs, mb_advantages, mb_mask, cfg.clip_range)
             _finite(pg_loss, "the policy loss", iteration)
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+            del logits  # (b, r, V) can be large: not kept through the value pass
+            # Policy, then value: separate backward passes free the policy's activations before the value
+            # forward (one backward of pg_loss + vf_loss gave the same gradients at a higher peak memory).
+            acc.backward(pg_loss)
+            grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
+            _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
+            models.policy_opt.step()
+            models.policy_opt.zero_grad(set_to_none=True)
+
             new_values = value_predictions(models.value, mb)  # (b, r)
             vf_loss, vf_diag = value_loss(new_values, mb_old_values, mb_returns, mb_mask, cfg.value_clip_range)
             _finite(vf_loss, "the value loss", iteration)
-            # The two models share no parameter, so one backward of the sum gives each model exactly the
-            # gradient of its own loss; each is clipped and stepped with its own optimiser (and learning rate).
-            acc.backward(pg_loss + vf_loss)
-            grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
+            acc.backward(vf_loss)
             value_grad_norm = acc.clip_grad_norm_(models.value.parameters(), cfg.max_grad_norm)
-            _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
             _finite(torch.as_tensor(value_grad_norm), "the value gradient norm", iteration)
-            models.policy_opt.step()
             models.value_opt.step()
-            models.policy_opt.zero_grad(set_to_none=True)
             models.value_opt.zero_grad(set_to_none=True)
 
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits.detach()), mb_mask)
             row = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "entropy": entropy,
                    "grad_norm": torch.as_tensor(grad_norm), "value_grad_norm": torch.as_tensor(value_grad_norm),
                    **pg_diag, **vf_diag}
@@ -605,15 +615,17 @@ def _trainable(model) -> dict[str, Tensor]:  # noqa: ANN001
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(model, path: Path) -> None:  # noqa: ANN001
+def _load_trainable(model, path: Path | dict[str, Tensor]) -> None:  # noqa: ANN001
+    """Copy saved trainable parameters (a safetensors file or a dict) into ``model``; the names must match."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = load_file(str(path)) if isinstance(path, Path) else path
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(state) != expected:
-        raise UserError(f"{path}: the saved weights do not match this model ({len(set(state) ^ expected)} names "
-                        "differ); was the recipe's ppo.lora changed since the run started? Use a new out_dir")
+        raise UserError(f"{path if isinstance(path, Path) else 'weights'}: the saved weights do not match this model "
+                        f"({len(set(state) ^ expected)} names differ); was the recipe's ppo.lora changed since the "
+                        "run started? Use a new out_dir")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -1037,8 +1049,16 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
         if best_it == 0:
             policy = load_causal_lm(policy_path, dtype=recipe.model.dtype,
                                     trust_remote_code=recipe.model.trust_remote_code)
-        elif best_it is not None and best_it != trainer_state["iteration"]:
-            _load_trainable(policy, out_dir / "best" / "policy.safetensors")
+        else:
+            if best_it is not None and best_it != trainer_state["iteration"]:
+                _load_trainable(policy, out_dir / "best" / "policy.safetensors")
+            if cfg.quant.load_in_4bit or cfg.quant.load_in_8bit:
+                # QLoRA: merge the adapter into full-precision base weights, not into the quantised ones
+                adapter = _trainable(policy)
+                policy = apply_lora(load_causal_lm(policy_path, dtype=recipe.model.dtype,
+                                                   trust_remote_code=recipe.model.trust_remote_code),
+                                    cfg.lora, "CAUSAL_LM")
+                _load_trainable(policy, adapter)
         final_tok = load_tokenizer(policy_path, recipe.model.trust_remote_code)
         final = save_checkpoint(policy, final_tok, out_dir / "policy")
         atomic_write_json(summary_path, {

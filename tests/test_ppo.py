@@ -174,6 +174,17 @@ def test_rollout_batches_engine_output_with_response_masks(tiny_ckpt):
         assert batch.query[i, -len(q):].tolist() == q and int(batch.query_mask[i].sum()) == len(q)
 
 
+def test_truncate_prompts_cuts_the_user_text_from_the_left(tiny_ckpt):
+    from iterative_rlhf.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_ckpt))
+    short, long = "Add 2 and 3.", " ".join(["What is the capital of France?"] * 8)
+    out, n_cut = ppo.truncate_prompts(tok, [short, long], max_length=24)
+    assert n_cut == 1 and out[0] == short and long.endswith(out[1].strip())
+    rendered = tok(ppo.chat_prompts(tok, [out[1]])[0], add_special_tokens=False)["input_ids"]
+    assert len(rendered) <= 24
+
+
 # --------------------------------------------------------------------------- forward alignment
 
 
