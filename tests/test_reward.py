@@ -125,7 +125,7 @@ def test_train_with_lora_saves_a_merged_standalone_checkpoint(tiny, tmp_path):
             for p, c, r, lv, m in PAIRS] * 2
     recipe = load_recipe(None, overrides=["reward.helpful.lora.enabled=true", "reward.helpful.lora.r=4",
                                           "reward.helpful.batch_size=4", "reward.helpful.per_device_batch_size=2",
-                                          "reward.helpful.learning_rate=0.01"])
+                                          "reward.helpful.learning_rate=0.01", "reward.helpful.epochs=1"])
     out = train_reward_model(recipe, "helpful", tmp_path / "rm", init_path=path,
                              train_ds=datasets.Dataset.from_list(rows))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
