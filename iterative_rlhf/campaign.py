@@ -264,15 +264,17 @@ class Campaign:
         self.stage(f"v{k}/report", [d / "report.json"], lambda: self.round_report(k))
 
     def rs_sample(self, k: int, policy: str) -> None:
-        from .generation import make_engine
+        from .generation import fit_prompts, make_engine
 
         r = self.recipe
         t = time.time()
         engine = make_engine(policy, r.generation, seed=self.seed(k, "rs_sample"),
                              trust_remote_code=r.model.trust_remote_code)
         try:
-            res = engine.generate([p["prompt"] for p in self.train_prompts], r.rs.n, r.temperature_for(k),
-                                  r.generation.max_new_tokens, self.seed(k, "rs_sample"))
+            texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in self.train_prompts],
+                                r.model.max_prompt_length, f"v{k} rejection sampling")
+            res = engine.generate(texts, r.rs.n, r.temperature_for(k), r.generation.max_new_tokens,
+                                  self.seed(k, "rs_sample"))
         finally:
             engine.close()
         rows = [{"prompt": p["prompt"], "is_safety": bool(p.get("is_safety", False)), "sample": j,

@@ -315,3 +315,41 @@ def make_engine(model_path: str, cfg: GenerationConfig, *, seed: int = 0, model=
     if cfg.engine == "vllm":
         return VLLMEngine(model_path, cfg, seed=seed, trust_remote_code=trust_remote_code)
     return HFEngine(model_path, cfg, model=model, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+
+
+def truncate_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[list[str], int]:  # noqa: ANN001
+    """Cut user prompts from the left so that the rendered prompt has at most ``max_length`` tokens.
+
+    The cut is made on the user text (then re-rendered with the chat template),
+    so the generation engine and the PPO forward passes see the same prompt.
+
+    Returns:
+        ``(prompts, n_truncated)``.
+    """
+    def rendered_length(text: str) -> int:
+        return len(tokenizer(chat_prompts(tokenizer, [text])[0], add_special_tokens=False)["input_ids"])
+
+    out, n_cut = [], 0
+    for p in prompts:
+        n = rendered_length(p)
+        if n > max_length:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            keep = len(ids)
+            while n > max_length and keep > 1:  # re-tokenising a cut text can merge differently: check again
+                keep = max(1, keep - (n - max_length))
+                p = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+                n = rendered_length(p)
+            n_cut += 1
+        out.append(p)
+    return out, n_cut
+
+
+def fit_prompts(tokenizer, prompts: list[str], max_length: int, where: str) -> list[str]:  # noqa: ANN001
+    """Truncate prompts longer than ``max_length`` rendered tokens from the left, and log how many were cut."""
+    from .console import warn
+
+    out, n_cut = truncate_prompts(tokenizer, prompts, max_length)
+    if n_cut:
+        warn(f"{where}: {n_cut} of {len(prompts)} prompts were longer than model.max_prompt_length={max_length} "
+             "tokens and were truncated from the left")
+    return out

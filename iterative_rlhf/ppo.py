@@ -84,7 +84,7 @@ from .checkpoint import (
 from .config import PPOConfig, Recipe
 from .console import log, progress, warn
 from .errors import NumericalError, UserError
-from .generation import Completion, HFEngine, VLLMEngine, chat_prompts
+from .generation import Completion, HFEngine, VLLMEngine, chat_prompts, truncate_prompts
 from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, commit_dir
 from .rlmath import (
     WhitenStats,
@@ -211,33 +211,6 @@ def pad_rollouts(queries: Sequence[Sequence[int]], responses: Sequence[Sequence[
             response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             response_mask[i, : len(r)] = 1
     return RolloutBatch(query, query_mask, response, response_mask)
-
-
-def truncate_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> tuple[list[str], int]:  # noqa: ANN001
-    """Cut user prompts from the left so that the rendered prompt has at most ``max_length`` tokens.
-
-    The cut is made on the user text (then re-rendered with the chat template),
-    so the generation engine and the PPO forward passes see the same prompt.
-
-    Returns:
-        ``(prompts, n_truncated)``.
-    """
-    def rendered_length(text: str) -> int:
-        return len(tokenizer(chat_prompts(tokenizer, [text])[0], add_special_tokens=False)["input_ids"])
-
-    out, n_cut = [], 0
-    for p in prompts:
-        n = rendered_length(p)
-        if n > max_length:
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            keep = len(ids)
-            while n > max_length and keep > 1:  # re-tokenising a cut text can merge differently: check again
-                keep = max(1, keep - (n - max_length))
-                p = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
-                n = rendered_length(p)
-            n_cut += 1
-        out.append(p)
-    return out, n_cut
 
 
 def iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import Recipe
 from .console import log
 from .errors import DataError
-from .generation import make_engine
+from .generation import fit_prompts, make_engine
 from .io import atomic_write_jsonl, read_jsonl
 
 
@@ -28,7 +28,9 @@ def sample_file(recipe: Recipe, *, model: str, prompts_path: str | Path, out_pat
     rows = read_prompts(prompts_path)
     engine = make_engine(model, recipe.generation, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
     try:
-        res = engine.generate([r["prompt"] for r in rows], n, temperature, recipe.generation.max_new_tokens, seed)
+        texts = fit_prompts(engine.tokenizer, [r["prompt"] for r in rows], recipe.model.max_prompt_length,
+                            str(prompts_path))
+        res = engine.generate(texts, n, temperature, recipe.generation.max_new_tokens, seed)
     finally:
         engine.close()
     out = []

@@ -97,3 +97,19 @@ def test_no_unsafe_loading_in_the_package():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{f}: {line.strip()}"
+
+
+@pytest.mark.slow
+def test_long_prompts_are_truncated_from_the_left_with_a_count(world, tmp_path, capsys):
+    import json
+
+    from iterative_rlhf.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "word " * 200 + "What is 2 plus 2?"}) + "\n"
+                       + json.dumps({"prompt": "What is 1 plus 1?"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["sample", "--model", str(world.policy), "--prompts", str(prompts), "--n", "1", "--out", str(out),
+                 "--max-new-tokens", "8"]) == 0
+    assert "1 of 2 prompts were longer than model.max_prompt_length=64" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 2
