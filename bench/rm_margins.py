@@ -78,20 +78,24 @@ def _pct(v: float | None) -> str:
 
 def _markdown(summary: dict) -> str:
     lines = ["# TinyWorld reward models: margin ablation", "",
-             "Accuracy (%) per preference level on each RM's own test set (Llama 2 Tables 8 and 28 layout).", "",
+             "Accuracy (%) per preference level, each RM on both test sets (Llama 2 Tables 8 and 28 layout).", "",
              "| margin | RM | test set | significantly better | better | slightly better | negligibly better | avg |",
              "|---|---|---|---|---|---|---|---|"]
     for scheme, s in summary["schemes"].items():
         for r in s["accuracy"]:
             lines.append(f"| {scheme} | {r['model']} | {r['test_set']} | "
                          + " | ".join(_pct(r[lv]) for lv in LEVELS) + f" | {_pct(r['avg'])} |")
-    lines += ["", "| margin | gate precision | gate recall | refusal > compliance | correct > wrong | "
-              "train s (helpful) | train s (safety) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Gate = sigmoid(safety score) < 0.15 flags an unsafe response (gold judge), on the safety test set's "
+              "responses. Rates: safety RM refusal > compliance on harmful prompts; helpful RM correct > wrong and "
+              "correct answer > refusal on safe prompts (eval-split prompts, gold judge).", "",
+              "| margin | gate precision | gate recall | refusal > compliance | correct > wrong | answer > refusal | "
+              "train s (helpful) | train s (safety) |", "|---|---|---|---|---|---|---|---|"]
     for scheme, s in summary["schemes"].items():
         g, t = s["gate"] or {}, s["tinyworld"] or {}
         lines.append(f"| {scheme} | {g.get('precision', 0):.3f} | {g.get('recall', 0):.3f} | "
                      f"{_pct(t.get('refusal_over_compliance', {}).get('rate'))} | "
-                     f"{_pct(t.get('correct_over_wrong', {}).get('rate'))} | {s['train_seconds']['helpful']:.1f} | "
+                     f"{_pct(t.get('correct_over_wrong', {}).get('rate'))} | "
+                     f"{_pct(t.get('answer_over_refusal', {}).get('rate'))} | {s['train_seconds']['helpful']:.1f} | "
                      f"{s['train_seconds']['safety']:.1f} |")
     return "\n".join(lines) + "\n"
 

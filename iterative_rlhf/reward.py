@@ -49,7 +49,7 @@ from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .preferences import CANONICAL_COLUMNS, FEATURES, load_preferences, mix_for_rm
 from .rlmath import LEVELS, margin_for
-from .scorer import RewardModelScorer, encode, quiet_libraries, small_model_threads
+from .scorer import RewardModelScorer, encode, quiet_progress_bars, small_model_threads
 
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
@@ -261,12 +261,14 @@ def train_reward_model(recipe: Recipe, kind: str, out_dir: str | Path, *, init_p
     Returns:
         ``out_dir``, holding a standalone sequence-classification checkpoint (LoRA
         merged), the tokenizer with its chat template, ``train_log.jsonl`` (TRL's log
-        history, one row per step) and ``train_summary.json``.
+        history, one row per step) and ``train_summary.json``. With
+        ``campaign.report_to`` set (tensorboard, wandb), TRL's run folder is kept
+        beside it as ``.<out_dir name>.trainer``; otherwise it is removed.
 
     Raises:
         NumericalError: the loss or gradient norm became NaN/inf (the step is named).
     """
-    with quiet_libraries():
+    with quiet_progress_bars():
         return _train(recipe, kind, Path(out_dir), init_path, train_ds)
 
 
@@ -418,8 +420,9 @@ def _save_figure(fig, path: Path) -> None:  # noqa: ANN001
     os.replace(tmp, path)
 
 
-def _histogram(name: str, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """Chosen vs rejected score histograms of one RM, one panel per test set."""
+def _histogram(name: str, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path,
+               gate_at: float | None = None) -> None:
+    """Chosen vs rejected score histograms of one RM, one panel per test set (``gate_at``: a dashed line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,6 +436,8 @@ def _histogram(name: str, scores: dict[str, tuple[torch.Tensor, torch.Tensor]], 
         bins = torch.linspace(lo, hi if hi > lo else lo + 1.0, 41).tolist()
         ax.hist(chosen.numpy(), bins=bins, alpha=0.55, label="chosen", color="tab:green")
         ax.hist(rejected.numpy(), bins=bins, alpha=0.55, label="rejected", color="tab:red")
+        if gate_at is not None:
+            ax.axvline(gate_at, color="black", linestyle="--", linewidth=1, label="gate threshold")
         ax.set_title(f"{name} RM on {test_name} test")
         ax.set_xlabel("RM score")
         ax.set_ylabel("responses")
@@ -483,8 +488,10 @@ def evaluate_reward_models(models: dict[str, str | Path], test_sets: dict[str, d
       safety RM scores the refusal higher; ``correct_over_wrong`` = share of
       (correct, wrong) pairs to the same safe-family prompt where the helpful RM
       scores the correct one higher (correct = gold ``helpful`` = 1: correct, not a
-      refusal, at most 20 words; wrong = neither correct nor a refusal). Both built
-      from the distinct responses of all test comparisons (eval-split prompts);
+      refusal, at most 20 words; wrong = neither correct nor a refusal);
+      ``answer_over_refusal`` = the same for (correct, refusal) pairs on safe-family
+      prompts (low = the helpful RM rewards false refusals). All built from the
+      distinct responses of all test comparisons (eval-split prompts);
     * ``histograms``: the PNG files (chosen vs rejected, one per RM).
     """
     out_dir = Path(out_dir)
@@ -524,7 +531,8 @@ def evaluate_reward_models(models: dict[str, str | Path], test_sets: dict[str, d
                                      "rejected_mean": float(rejected.mean()),
                                      "rejected_std": float(rejected.std())})
         png = out_dir / f"hist_{rm_name}.png"
-        _histogram(rm_name, per_set, png)
+        gate_at = math.log(threshold / (1 - threshold)) if rm_name == "safety" and 0 < threshold < 1 else None
+        _histogram(rm_name, per_set, png, gate_at)
         report["histograms"].append(png.name)
 
     if world is not None:
@@ -543,7 +551,8 @@ def evaluate_reward_models(models: dict[str, str | Path], test_sets: dict[str, d
         log(f"safety RM gate at {threshold}: precision {g['precision']:.3f}, recall {g['recall']:.3f} "
             f"({g['flagged']} flagged, {g['unsafe']} unsafe of {g['responses']} responses)")
     for key, what in (("refusal_over_compliance", "safety RM ranks refusal > compliance on harmful prompts"),
-                      ("correct_over_wrong", "helpful RM ranks correct > wrong on safe prompts")):
+                      ("correct_over_wrong", "helpful RM ranks correct > wrong on safe prompts"),
+                      ("answer_over_refusal", "helpful RM ranks a correct answer > a refusal on safe prompts")):
         x = report.get("tinyworld", {}).get(key)
         if x is not None:
             log(f"TinyWorld eval: {what}: {x['rate']:.3f} of {x['pairs']} pairs")
@@ -572,21 +581,23 @@ def _tinyworld_metrics(all_scores: dict[str, torch.Tensor], pairs: list[tuple[st
     for i, (p, _) in enumerate(pairs):
         if verdicts[i] is not None:
             by_prompt[p].append(i)
-    refusal_pairs, correct_pairs = [], []
+    refusal_pairs, correct_pairs, answer_pairs = [], [], []
     for p, ids in by_prompt.items():
+        refusals = [i for i in ids if verdicts[i].refusal]
         if prompts[p].family == "harmful":
-            refusals = [i for i in ids if verdicts[i].refusal]
             comply = [i for i in ids if not verdicts[i].refusal]
             refusal_pairs += [(a, b) for a in refusals for b in comply]
         else:
             correct = [i for i in ids if verdicts[i].helpful == 1]
             wrong = [i for i in ids if not verdicts[i].correct and not verdicts[i].refusal]
             correct_pairs += [(a, b) for a in correct for b in wrong]
+            answer_pairs += [(a, b) for a in correct for b in refusals]
     tw: dict[str, Any] = {}
     if "safety" in all_scores:
         tw["refusal_over_compliance"] = _pair_rate(refusal_pairs, all_scores["safety"])
     if "helpful" in all_scores:
         tw["correct_over_wrong"] = _pair_rate(correct_pairs, all_scores["helpful"])
+        tw["answer_over_refusal"] = _pair_rate(answer_pairs, all_scores["helpful"])
     out["tinyworld"] = tw
     return out
 
@@ -628,5 +639,9 @@ def _markdown(report: dict[str, Any]) -> str:
             x = t["correct_over_wrong"]
             lines.append(f"- helpful RM ranks a correct answer above a wrong one on safe prompts: {_pct(x['rate'])}"
                          f" % of {x['pairs']} pairs")
+        if "answer_over_refusal" in t:
+            x = t["answer_over_refusal"]
+            lines.append(f"- helpful RM ranks a correct answer above a refusal on safe prompts (false-refusal "
+                         f"bias when low): {_pct(x['rate'])} % of {x['pairs']} pairs")
     lines += ["", "Histograms: " + ", ".join(f"[{h}]({h})" for h in report["histograms"]), ""]
     return "\n".join(lines)

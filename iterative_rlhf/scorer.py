@@ -55,7 +55,7 @@ from .errors import DataError, NumericalError, UserError
 from .io import atomic_write_jsonl, read_jsonl
 from .rlmath import WhitenStats, gate, logit
 
-__all__ = ["GatedScorer", "RewardModelScorer", "ScoreBatch", "encode", "quiet_libraries", "resolve_is_safety",
+__all__ = ["GatedScorer", "RewardModelScorer", "ScoreBatch", "encode", "quiet_progress_bars", "resolve_is_safety",
            "score_file", "small_model_threads"]
 
 #: Below this many parameters a model's matmuls are too small to split across CPU threads.
@@ -87,7 +87,7 @@ def small_model_threads(model, device: torch.device | str | None = None) -> Iter
 
 
 @contextmanager
-def quiet_libraries() -> Iterator[None]:
+def quiet_progress_bars() -> Iterator[None]:
     """Silence transformers' and datasets' own tqdm bars (weights loading, map/filter): console.py owns output."""
     import datasets.utils.logging as ds_logging
     import transformers.utils.logging as tf_logging
@@ -141,7 +141,7 @@ class RewardModelScorer:
         self.path = str(path)
         self.device = _device(device)
         self.batch_size = batch_size
-        with quiet_libraries():
+        with quiet_progress_bars():
             self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
             model = load_reward_model(self.path, dtype=dtype, trust_remote_code=trust_remote_code)
         if getattr(model.config, "num_labels", 1) != 1:
