@@ -55,7 +55,8 @@ def _trainer(model, tok, train, tmp_path):
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", per_device_train_batch_size=4,
-                        bf16=False, gradient_checkpointing=False, max_length=128, disable_tqdm=True)
+                        bf16=False, gradient_checkpointing=False, max_length=128, disable_tqdm=True,
+                        dataloader_pin_memory=False)
     return RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
 
 
