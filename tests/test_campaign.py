@@ -156,3 +156,19 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_report(reference_ru
     ref = json.loads((reference_run / "report.json").read_text())
     got = json.loads((out / "report.json").read_text())
     assert comparable(got) == comparable(ref)
+
+
+def test_rs_and_ppo_stages_on_their_own(world, world_config, tmp_path):
+    from iterative_rlhf.cli import main
+
+    out = tmp_path / "stages"
+    args = ["--out", str(out), *small_args(world_config)]
+    assert main(["rs", "--round", "1", *args]) == 0
+    for name in ("samples.jsonl", "scored.jsonl", "selected.jsonl", "rs.json"):
+        assert (out / "v1" / name).is_file()
+    rs = json.loads((out / "v1" / "rs.json").read_text())
+    assert [row["n"] for row in rs["reward_vs_n"]] == [1, 2, 4]
+    assert rs["reward_vs_n"][-1]["max"] >= rs["reward_vs_n"][0]["max"]  # best-of-4 >= best-of-1
+    assert main(["ppo", "--round", "1", *args]) == 0
+    assert (out / "v1" / "ppo" / "policy" / "config.json").is_file()
+    assert main(["rs", "--round", "3", *args]) == 2  # round 2 has not finished
