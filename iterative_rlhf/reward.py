@@ -46,9 +46,9 @@ from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, s
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
 from .errors import NumericalError, UserError
-from .io import atomic_write_json, atomic_write_text, read_jsonl
-from .preferences import CANONICAL_COLUMNS, FEATURES, load_preferences, mix_for_rm
-from .rlmath import LEVELS, margin_for
+from .io import atomic_write_json, atomic_write_text
+from .preferences import load_preferences, mix_for_rm
+from .rlmath import LEVELS
 from .scorer import RewardModelScorer, encode, quiet_progress_bars, small_model_threads
 
 if TYPE_CHECKING:
@@ -86,35 +86,14 @@ def _comparisons(recipe: Recipe, data_kind: str, scheme: str, world: WorldPaths 
     if sources:
         return _load(list(sources), cfg.format, data_kind, scheme, "test" if test else "train")
     if world is not None:
-        return _tinyworld_comparisons(world.comparisons(data_kind, "test" if test else "train"), scheme,
-                                      f"tinyworld-{data_kind}-{'test' if test else 'train'}")
+        # TinyWorld's comparisons are ordinary canonical files (its annotators skip empty samples).
+        return load_preferences(str(world.comparisons(data_kind, "test" if test else "train")), format="canonical",
+                                kind=data_kind, margin_scheme=scheme)
     if required:
         key = f"reward.{data_kind}.{'test_data' if test else 'data'}"
         raise UserError(f"{key}: no {data_kind} comparisons; list preference files or hub names there, or use "
                         "the TinyWorld policy (model.policy: tinyworld) whose comparisons are built in")
     return None
-
-
-def _tinyworld_comparisons(path: Path, scheme: str, source: str) -> datasets.Dataset:
-    """TinyWorld's canonical comparisons with margins of ``scheme``, empty responses kept.
-
-    The base policy sometimes samples an empty response (EOS at once) and the
-    annotators compare it like any other; :func:`load_preferences` refuses empty
-    texts in user files, but here they are real policy outputs that the RM must
-    learn to rank (the policy can produce them during RL), so the rows are read
-    directly. Margins come from :func:`iterative_rlhf.rlmath.margin_for`, as in the loader.
-    """
-    rows = read_jsonl(path, required=("prompt", "chosen", "rejected", "level", "is_safety"))
-    empty = sum(1 for r in rows if not r["chosen"].strip() or not r["rejected"].strip())
-    if empty:
-        log(f"{source}: {len(rows)} comparisons, {empty} with an empty response (kept: the policy samples those)")
-    cols = {c: [] for c in CANONICAL_COLUMNS}
-    for r in rows:
-        for c in ("prompt", "chosen", "rejected", "level", "is_safety"):
-            cols[c].append(r[c])
-        cols["margin"].append(margin_for(r["level"], scheme))
-        cols["source"].append(source)
-    return datasets.Dataset.from_dict(cols, features=FEATURES)
 
 
 def rm_datasets(recipe: Recipe, kind: str,

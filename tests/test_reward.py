@@ -158,7 +158,7 @@ def test_rm_datasets_mix_and_margins(world):
                                  "negligibly_better": 0.0}[row["level"]]
     assert set(s_train["margin"]) == {0.0}
     # Test sets are not mixed.
-    assert set(h_test["source"]) == {"tinyworld-helpful-test"} and set(s_test["source"]) == {"tinyworld-safety-test"}
+    assert set(h_test["source"]) == {"tinyworld-helpful"} and set(s_test["source"]) == {"tinyworld-safety"}
     assert {k: len(v) for k, v in rm_test_sets(recipe, world).items()} == {"helpful": len(h_test),
                                                                             "safety": len(s_test)}
 
