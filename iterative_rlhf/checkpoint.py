@@ -101,10 +101,25 @@ def apply_lora(model, lora: LoraConfig, task_type: str, quantized: bool = False)
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(model)
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type=task_type,
                          modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
     return get_peft_model(model, cfg)
+
+
+def keep_4bit_trainable(model) -> None:  # noqa: ANN001
+    """Keep a 4-bit model's CPU weights in the layout that has a backward pass.
+
+    bitsandbytes (0.50) repacks a CPU ``Linear4bit`` weight for its AVX512-BF16
+    inference kernel the first time the layer runs in eval mode without
+    gradients (PPO's sampling, an evaluation), and that kernel has no autograd:
+    every later training step silently loses the gradient through the layer
+    (the LoRA adapters below it get none). Models that train never repack.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merged(model):  # noqa: ANN001, ANN201

@@ -146,6 +146,21 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     _one_round(args, "ppo")
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .io import read_jsonl
+    from .sft import finetune
+
+    recipe = _recipe(args)
+    init = args.init or _base_policy(recipe)
+    finetune(recipe, read_jsonl(args.data, required=("prompt", "response")), init, args.out,
+             recipe.seed if args.seed is None else args.seed)
+
+
+def _base_policy(recipe) -> str:  # noqa: ANN001
+    world = _world_if_used(recipe)
+    return str(world.policy) if world is not None else recipe.model.policy
+
+
 def cmd_rm_train(args: argparse.Namespace) -> None:
     from .reward import rm_datasets, train_reward_model
 
@@ -255,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=["rs", "ppo", "rs+ppo"], default=None, help="Override campaign.mode.")
         p.add_argument("--force", action="store_true", help="Reuse a run directory made by another recipe.")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("sft", help="Fine-tune a policy on (prompt, response) rows, e.g. a round's selected.jsonl.")
+    _add_recipe_args(p)
+    p.add_argument("--data", type=Path, required=True, help="JSONL with 'prompt' and 'response' columns.")
+    p.add_argument("--out", type=Path, required=True, help="Checkpoint folder.")
+    p.add_argument("--init", default=None, help="Initial checkpoint (default: model.policy, the base).")
+    p.add_argument("--seed", type=int, default=None, help="Training seed (default: the recipe's seed).")
+    p.set_defaults(func=cmd_sft)
 
     rm = sub.add_parser("rm", help="Reward models: train one, evaluate both.")
     rms = rm.add_subparsers(dest="rm_command", required=True, metavar="ACTION")

@@ -300,7 +300,12 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         max_grad_norm=1.0,
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
+        # QLoRA: TRL casts the trainable weights (adapters, score head) of a quantised model to bfloat16, so the
+        # forward pass needs bf16 autocast, on the CPU too, or the float32 hidden states meet a bf16 head.
+        bf16=(dtype == "bfloat16" and torch.cuda.is_available()) or bool(quantized),
+        use_cpu=not torch.cuda.is_available(),
+        # Several CPU processes (`accelerate launch` / torchrun without GPUs) talk over gloo; GPUs use nccl.
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         fp16=False,
         # Recompute activations only for big models: on a small one it costs time and saves nothing.
         gradient_checkpointing=n_params > 500_000_000,
@@ -325,9 +330,12 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         with small_model_threads(model, trainer.args.device):
             trainer.train()
     finally:
-        if report_to == ["none"] and trainer_dir.exists():
+        if report_to == ["none"] and trainer_dir.exists() and trainer.is_world_process_zero():
             shutil.rmtree(trainer_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():  # the main process saves; the others wait for it below
+        trainer.accelerator.wait_for_everyone()
+        return out_dir
 
     history = _finite_logs(trainer.state.log_history)
     steps = [r for r in history if "loss" in r]
@@ -337,7 +345,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "warmup_steps": warmup, "train_seconds": round(seconds, 2),
         "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
         "last_accuracy": steps[-1].get("accuracy") if steps else None,
-        "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params,
+        "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params, "processes": world_size,
     }
     final = trainer.model
     if quantized:
@@ -348,6 +356,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "train_log.jsonl": log_text, "train_summary.json": json.dumps(summary, indent=2) + "\n"})
     log(f"{kind} RM: trained in {seconds:.1f} s ({summary['steps']} steps), loss {summary['first_loss'] or 0:.4f} -> "
         f"{summary['last_loss'] or 0:.4f} -> {out_dir}")
+    trainer.accelerator.wait_for_everyone()
     return out_dir
 
 

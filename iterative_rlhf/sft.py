@@ -10,6 +10,7 @@ a standalone checkpoint (LoRA merged) with tokenizer and chat template.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from .checkpoint import apply_lora, load_causal_lm, load_tokenizer, save_checkpoint
@@ -55,7 +56,8 @@ def finetune(recipe: Recipe, rows: list[dict], init_path: str, out_dir: Path, se
                            quant=cfg.quant if quantized else None)
     model = apply_lora(model, cfg.lora, "CAUSAL_LM", quantized=quantized)
     ds = sft_dataset(rows)
-    accum = max(1, cfg.batch_size // cfg.per_device_batch_size)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # batch_size is global: accumulation fills the rest
+    accum = max(1, cfg.batch_size // (cfg.per_device_batch_size * world_size))
     work = out_dir.parent / f".{out_dir.name}.trainer"
     args = SFTConfig(
         output_dir=str(work), learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
@@ -64,6 +66,8 @@ def finetune(recipe: Recipe, rows: list[dict], init_path: str, out_dir: Path, se
         warmup_steps=0.03, weight_decay=0.0, logging_steps=5, save_strategy="no", report_to=recipe.campaign.report_to
         or "none", seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
         bf16=recipe.model.dtype == "bfloat16", use_cpu=not _cuda(), dataset_num_proc=None,
+        # Several CPU processes (`accelerate launch` / torchrun without GPUs) talk over gloo; GPUs use nccl.
+        ddp_backend="gloo" if world_size > 1 and not _cuda() else None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                          callbacks=[_nan_guard()])
@@ -74,12 +78,35 @@ def finetune(recipe: Recipe, rows: list[dict], init_path: str, out_dir: Path, se
     result = trainer.train()
     log(f"SFT: {len(rows)} samples, {result.global_step} steps, train loss {result.training_loss:.3f}")
     tokenizer.padding_side = "left"
-    save_checkpoint(trainer.model, tokenizer, out_dir)
+    if not trainer.is_world_process_zero():  # the main process saves; the others wait for it below
+        trainer.accelerator.wait_for_everyone()
+        return out_dir
+    final = trainer.model
+    if quantized:
+        final = _merge_quantized(final, init_path, recipe, work)
+    save_checkpoint(final, tokenizer, out_dir)
     atomic_write_jsonl(out_dir / "train_log.jsonl", trainer.state.log_history)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return out_dir
+
+
+def _merge_quantized(peft_model, init_path: str, recipe: Recipe, work: Path):  # noqa: ANN001, ANN202
+    """QLoRA: merge the adapter into full-precision base weights (merging into 4/8-bit weights would round them
+    and save a bitsandbytes checkpoint that plain transformers and vLLM loads do not expect)."""
+    import shutil
+
+    from peft import PeftModel
+
+    adapter_dir = work / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    base = load_causal_lm(init_path, dtype=recipe.model.dtype if recipe.model.dtype != "auto" else "float32",
+                          trust_remote_code=recipe.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    return merged
 
 
 def _cuda() -> bool:
