@@ -153,6 +153,19 @@ class Campaign:
         log(f"[green]done[/green] {name} ({time.time() - t:.1f} s)")
         return True
 
+    def launched(self, argv: list[str], what: str) -> bool:
+        """Run a training stage as ``accelerate launch ... -m iterative_rlhf.cli ARGV`` when the recipe names an
+        accelerate config (``campaign.accelerate_config``); False = run it in this process (no config, or this
+        process is itself a launched one)."""
+        from .launch import inside_launch, run_launched
+
+        cfg = self.recipe.campaign.accelerate_config
+        if not cfg or inside_launch():
+            return False
+        run_launched(cfg, [*argv, "--recipe", str(self.dir / "config.yaml")],
+                     num_processes=self.recipe.campaign.num_processes, what=what)
+        return True
+
     # ------------------------------------------------------------------ reward models
 
     def rm_dir(self, k: int) -> Path:
@@ -170,8 +183,10 @@ class Campaign:
         for kind in ("helpful", "safety"):
             def run(kind: str = kind) -> None:
                 t = time.time()
-                train_ds, _ = rm_datasets(self.recipe, kind, self.world)
-                train_reward_model(self.recipe, kind, rm / kind, init_path=self._rm_init(), train_ds=train_ds)
+                if not self.launched(["rm", "train", "--kind", kind, "--out", str(rm / kind),
+                                      "--init", self._rm_init()], f"rm/{kind}"):
+                    train_ds, _ = rm_datasets(self.recipe, kind, self.world)
+                    train_reward_model(self.recipe, kind, rm / kind, init_path=self._rm_init(), train_ds=train_ds)
                 atomic_write_json(rm / f"{kind}.time.json", {"seconds": time.time() - t})
             self.stage(f"rm/{kind}", [rm / kind, rm / f"{kind}.time.json"], run)
 
@@ -348,7 +363,9 @@ class Campaign:
         t = time.time()
         d = self.dir / f"v{k}"
         init = self.base_path if self.recipe.sft.init == "base" else self.policy_of(k - 1)
-        finetune(self.recipe, read_jsonl(d / "selected.jsonl"), init, d / "rs_policy", self.seed(k, "sft"))
+        if not self.launched(["sft", "--data", str(d / "selected.jsonl"), "--init", init, "--out",
+                              str(d / "rs_policy"), "--seed", str(self.seed(k, "sft"))], f"v{k}/sft"):
+            finetune(self.recipe, read_jsonl(d / "selected.jsonl"), init, d / "rs_policy", self.seed(k, "sft"))
         atomic_write_json(d / "sft.time.json", {"seconds": time.time() - t})
 
     def ppo(self, k: int, start: str) -> None:
@@ -362,9 +379,11 @@ class Campaign:
             w = json.loads((d / "rs.json").read_text())["whiten"]
             whiten = WhitenStats(w["mean"], w["std"])
         rm = self.rm_dir(k)
-        run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
-                out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts, whiten=whiten,
-                seed=self.seed(k, "ppo"))
+        # launched: `ppo --round k` runs this same method in each process (the same start, RMs and whitening)
+        if not self.launched(["ppo", "--round", str(k), "--out", str(self.dir)], f"v{k}/ppo"):
+            run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
+                    out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts,
+                    whiten=whiten, seed=self.seed(k, "ppo"))
         history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
         trained = [row for row in history if "reward" in row]  # iteration 0 is the evaluation before training
         atomic_write_json(d / "ppo.json", {"iterations": len(trained), "history": history,

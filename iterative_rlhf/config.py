@@ -234,7 +234,10 @@ class CampaignConfig:
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")
-    accelerate_config: str = opt("", "accelerate config file for the training stages (empty = one process).")
+    accelerate_config: str = opt("", "accelerate config file (recipes/accelerate/) under which RM training, SFT and "
+                                 "PPO run as `accelerate launch` subprocesses; empty = in the campaign's process.")
+    num_processes: int = opt(0, "Processes per launched training stage (overrides the accelerate config's "
+                             "num_processes; 0 = the config's).", min=0)
 
 
 @dataclass

@@ -1037,7 +1037,7 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
         atomic_write_json(summary_path, {
             "iterations": trainer_state["iteration"], "best_iteration": best_it,
             "best_eval_reward": trainer_state["best_eval_reward"], "stopped_early": trainer_state["stopped_early"],
-            "whiten": trainer_state["whiten"], "seed": seed, "policy": str(final)})
+            "whiten": trainer_state["whiten"], "seed": seed, "policy": str(final), "processes": world})
         log(f"PPO: done after {trainer_state['iteration']} iterations; best held-out reward "
             f"{trainer_state['best_eval_reward']:.3f} at iteration {best_it} -> {final}")
     accelerator.wait_for_everyone()

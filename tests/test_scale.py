@@ -314,3 +314,41 @@ def test_4bit_lora_gradients_survive_an_eval_pass_on_the_cpu(world):
         assert after_eval[name] is not None, name
         torch.testing.assert_close(after_eval[name], g, msg=name)
         assert float(g.abs().max()) > 0, name
+
+
+# --------------------------------------------------------------------------- a campaign launching its stages
+
+
+@pytest.mark.slow
+def test_campaign_launches_rm_sft_and_ppo_through_accelerate_in_two_processes(world, world_config, tmp_path):
+    out = tmp_path / "run"
+    settings = [*world_overrides(world_config), f"campaign.accelerate_config={TWO_CPU}", "campaign.num_processes=2",
+                *(f"reward.{k}.{x}" for k in ("helpful", "safety")
+                  for x in ("epochs=0.1", "batch_size=16", "per_device_batch_size=8", "max_length=64")),
+                "rs.n=2", "rs.prompts=32", "campaign.eval_samples=1", "sft.epochs=1", "sft.batch_size=8",
+                "sft.per_device_batch_size=4", "ppo.iterations=1", "ppo.batch_size=16", "ppo.mini_batch_size=8",
+                "ppo.eval_every=1"]
+    env = {**launch_env(), "ITERATIVE_RLHF_NO_PROGRESS": "1"}
+    env.pop("ITERATIVE_RLHF_LAUNCHED")  # the campaign itself runs in one process and launches its stages
+    proc = subprocess.run([sys.executable, "-m", "iterative_rlhf.cli", "round", "--n", "1", "--out", str(out),
+                           *sets(settings)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = " ".join(proc.stderr.split())  # rich wraps long lines
+    for stage, command in (("rm/helpful", "rm train --kind helpful"), ("rm/safety", "rm train --kind safety"),
+                           ("v1/sft", "-m iterative_rlhf.cli sft --data"), ("v1/ppo", "ppo --round 1")):
+        assert f"{stage}: -m accelerate.commands.launch --config_file {TWO_CPU} --num_processes 2" in log, stage
+        assert command in log, command
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert {"rm/helpful", "rm/safety", "rm/eval", "v1/sft", "v1/ppo", "v1/report"} <= set(stages)
+    for kind in ("helpful", "safety"):
+        assert json.loads((out / "rm" / kind / "train_summary.json").read_text())["processes"] == 2
+    assert json.loads((out / "v1" / "ppo" / "summary.json").read_text())["processes"] == 2
+    ppo_rows = read_jsonl(out / "v1" / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in ppo_rows] == [0, 1] and math.isfinite(ppo_rows[1]["pg_loss"])
+    from transformers import AutoModelForCausalLM
+
+    # 32 selected samples, 8 per step (4 per process x 2 processes, no accumulation): 4 optimiser steps
+    assert [r["step"] for r in read_jsonl(out / "v1" / "rs_policy" / "train_log.jsonl") if "train_loss" in r] == [4]
+    for policy in (out / "v1" / "rs_policy", out / "v1" / "ppo" / "policy"):
+        AutoModelForCausalLM.from_pretrained(policy)
+    assert json.loads((out / "v1" / "report.json").read_text())["ppo"]["iterations"] == 1
