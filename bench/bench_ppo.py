@@ -143,7 +143,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         f"ppo.ppo_epochs={EPOCHS}", f"ppo.temperature={TEMPERATURE}", f"ppo.kl_coef={KL_COEF}",
         f"ppo.learning_rate={LR:f}", "ppo.value_init=reward", f"ppo.eval_every={10 * args.iterations}",
         f"ppo.save_every={10 * args.iterations}", "ppo.early_stopping_patience=0",
-        f"generation.max_new_tokens={RESPONSE_LENGTH}", f"generation.batch_size={BATCH}", "scorer.whiten=false"])
+        f"generation.max_new_tokens={RESPONSE_LENGTH}", f"generation.batch_size={BATCH}", "scorer.whiten=false",
+        *(args.set or [])])
     prompts = bench_prompts()
     t0 = time.perf_counter()
     run_ppo(recipe, policy_path=str(base / "policy"), helpful_rm=str(base / "rm"), safety_rm=str(base / "rm"),
@@ -155,13 +156,17 @@ def run_ours(args: argparse.Namespace) -> dict:
     secs = [r["time_generation"] + r["time_scoring"] + r["time_training"] + r["time_sync"] for r in its]
     cpu = [r["cpu_seconds"] for r in its]
 
+    split = ("generation", "scoring", "rollout_forward", "update")
     return {"side": "ours", "python": sys.executable, "transformers": transformers.__version__,
+            "overrides": args.set or [], "mixed_precision": recipe.ppo.mixed_precision,
+            "rollout_logprobs": recipe.ppo.rollout_logprobs,
             "model": args.model, "seconds_per_iteration": statistics.median(secs[1:] or secs),
             "cpu_seconds_per_iteration": statistics.median(cpu[1:] or cpu), "iteration_seconds": secs,
             "peak_rss_mib": peak_rss_mib(), "import_rss_mib": import_rss,
             "run_rss_mib": peak_rss_mib() - import_rss, "total_seconds": total,
-            "time_split": {k: statistics.median(r[k] for r in its[1:] or its)
-                           for k in ("time_generation", "time_scoring", "time_training")},
+            "time_split": {k: statistics.median(r[f"time_{k}"] for r in its[1:] or its) for k in split},
+            "cpu_split": {k: statistics.median(r[f"cpu_{k}"] for r in its[1:] or its) for k in split},
+            "rollout_logprobs_from_engine": statistics.mean(r["rollout_logprobs_from_engine"] for r in its),
             "response_length": statistics.mean(r["response_length"] for r in its)}
 
 
@@ -196,7 +201,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         total_episodes=BATCH * args.iterations, response_length=RESPONSE_LENGTH, temperature=TEMPERATURE,
         kl_coef=KL_COEF, learning_rate=LR, lr_scheduler_type="constant", stop_token="eos",
         num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=1, seed=0, use_cpu=True,
-        bf16=False, fp16=False, disable_tqdm=True, adam_beta2=0.95, adam_epsilon=1e-5, weight_decay=0.1,
+        bf16=args.bf16, fp16=False, disable_tqdm=True, adam_beta2=0.95, adam_epsilon=1e-5, weight_decay=0.1,
         max_grad_norm=1.0, dataloader_num_workers=0, gradient_checkpointing=not args.no_gradient_checkpointing)
     stamps: list[tuple[float, float]] = []
 
@@ -217,7 +222,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
     import transformers
 
-    return {"side": "trl", "gradient_checkpointing": cfg.gradient_checkpointing, "python": sys.executable,
+    return {"side": "trl", "gradient_checkpointing": cfg.gradient_checkpointing, "bf16": cfg.bf16,
+            "python": sys.executable,
             "trl_version": trl.__version__,
             "transformers": transformers.__version__, "model": args.model,
             "seconds_per_iteration": statistics.median(secs[1:] or secs),
@@ -236,9 +242,15 @@ def compare(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRL_EXPERIMENTAL_SILENCE": "1", "ITERATIVE_RLHF_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     trl_python = str(TRL_VENV / "bin" / "python")
-    # TRL as shipped (its PPOConfig turns gradient checkpointing on), TRL without it, ours in both venvs
-    runs = (("trl", "trl", trl_python, []), ("trl_no_gc", "trl", trl_python, ["--no-gradient-checkpointing"]),
-            ("ours", "ours", sys.executable, []), ("ours_trl_venv", "ours", trl_python, []))
+    # TRL as shipped (its PPOConfig turns gradient checkpointing on; float32 as the bench sets bf16=False), TRL
+    # without gradient checkpointing, TRL with bf16 mixed precision; ours with the defaults (float32), ours with
+    # ppo.mixed_precision=bf16, ours in TRL's venv (float32 and bf16)
+    bf16 = ["--set", "ppo.mixed_precision=bf16"]
+    all_runs = {"trl": ("trl", trl_python, []), "trl_no_gc": ("trl", trl_python, ["--no-gradient-checkpointing"]),
+                "trl_bf16": ("trl", trl_python, ["--bf16"]), "ours": ("ours", sys.executable, []),
+                "ours_bf16": ("ours", sys.executable, bf16), "ours_trl_venv": ("ours", trl_python, []),
+                "ours_bf16_trl_venv": ("ours", trl_python, bf16)}
+    runs = [(k, *all_runs[k]) for k in args.runs.split(",")]
     for key, side, python, extra in runs:
         out = CACHE / "runs" / f"{key}-{args.model}"
         js = CACHE / f"{key}-{args.model}.json"
@@ -254,9 +266,9 @@ def compare(args: argparse.Namespace) -> None:
         **results,
     }
     lines = []
-    for key in ("ours", "ours_trl_venv"):
+    for key in [k for k in results if k.startswith("ours")]:
         r = results[key]
-        for ref in ("trl", "trl_no_gc"):
+        for ref in [k for k in results if k.startswith("trl")]:
             t = results[ref]
             speed = summary[f"speedup_{key}_vs_{ref}"] = t["seconds_per_iteration"] / r["seconds_per_iteration"]
             cpu = summary[f"cpu_speedup_{key}_vs_{ref}"] = \
@@ -360,6 +372,11 @@ def main() -> None:
         p.add_argument("--out", default=str(CACHE / "runs" / name))
         p.add_argument("--json", default=None)
         p.add_argument("--no-gradient-checkpointing", action="store_true", help="TRL side: turn it off")
+        p.add_argument("--bf16", action="store_true", help="TRL side: bf16 mixed precision (TrainingArguments.bf16)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="our side: recipe overrides")
+        p.add_argument("--runs", default="trl,trl_bf16,ours,ours_bf16,ours_trl_venv,ours_bf16_trl_venv",
+                       help="compare: which runs (of trl, trl_no_gc, trl_bf16, ours, ours_bf16, ours_trl_venv, "
+                            "ours_bf16_trl_venv)")
     t = sub.add_parser("tinyworld")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     t.add_argument("--name", default=None)

@@ -218,6 +218,13 @@ class PPOConfig:
     early_stopping_patience: int = opt(3, "Stop after this many evaluations without improvement (0 = never).",
                                        min=0)
     save_every: int = opt(5, "Save a resumable PPO state every k iterations.", min=1)
+    rollout_logprobs: Literal["engine", "forward"] = opt(
+        "engine", "Old log-probs of the sampled tokens: 'engine' = from HF generate's own logits (one forward "
+        "pass less; vLLM rollouts are always recomputed); 'forward' = a forward pass of the policy.")
+    mixed_precision: Literal["none", "bf16"] = opt(
+        "none", "none: float32 throughout; bf16: bfloat16 autocast for PPO's forward passes (sampling, reward "
+        "models, reference, value, update) with float32 weights and optimiser; 3-5x faster matrix products on GPUs "
+        "and on CPUs with AVX512-BF16 or AMX.")
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 

@@ -44,6 +44,9 @@ class Completion:
     text: str
     token_ids: list[int]
     finished: bool  # ended at EOS (not cut by max_new_tokens)
+    # log-probs of token_ids under the sampling distribution (softmax(logits / temperature)), one per token,
+    # from generate's own logits; only when asked for (HFEngine.generate(..., return_logprobs=True)), else None
+    logprobs: list[float] | None = None
 
 
 class Engine(Protocol):
@@ -87,9 +90,22 @@ class HFEngine:
             model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = model
 
+    #: ``return_logprobs`` keeps every step's logits of a generate batch (B, T_new, V, float32) until the batch
+    #: ends; batches are split so that this stays under LOGITS_BUDGET_BYTES.
+    LOGITS_BUDGET_BYTES = 1 << 30
+
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                 seed: int) -> list[list[Completion]]:
+                 seed: int, return_logprobs: bool = False) -> list[list[Completion]]:
+        """``n`` samples per prompt; ``return_logprobs`` fills :attr:`Completion.logprobs`.
+
+        The log-probs are ``log_softmax(logits / temperature)`` of the sampled
+        tokens, from the logits ``generate`` sampled from (``output_logits``: KV-cached
+        incremental forward passes). A token that is dropped from ``token_ids`` (a
+        sampled pad token of an unfinished response) makes the following ones
+        conditioned on a context the ids no longer show, so such a completion gets
+        ``logprobs=None`` (recompute it by a forward pass).
+        """
         tok = self.tokenizer
         texts = chat_prompts(tok, prompts)
         # Each prompt repeated n times; sorted by length so batches pad little.
@@ -101,6 +117,9 @@ class HFEngine:
         device = next(self.model.parameters()).device
         gen = torch.Generator(device="cpu").manual_seed(seed)
         bs = self.cfg.batch_size
+        if return_logprobs:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            bs = max(1, min(bs, self.LOGITS_BUDGET_BYTES // (4 * vocab * max(max_new_tokens, 1))))
         with progress(f"sampling (hf, n={n})", len(items)) as advance:
             for start in range(0, len(order), bs):
                 chunk = [items[k] for k in order[start:start + bs]]
@@ -108,19 +127,29 @@ class HFEngine:
                           add_special_tokens=False).to(device)
                 # Seed per batch from our own generator: results do not depend on what ran before.
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                seqs = self.model.generate(
+                res = self.model.generate(
                     **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                     max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                )  # (B, T_prompt + T_new)
-                new = seqs[:, enc["input_ids"].shape[1]:].tolist()
-                for (i, j), ids in zip(chunk, new, strict=True):
+                    return_dict_in_generate=True, output_logits=return_logprobs,
+                )
+                new_ids = res.sequences[:, enc["input_ids"].shape[1]:]  # (B, T_new)
+                token_lp = None
+                if return_logprobs:
+                    # raw logits of each step (the model's, before generate's processors), as a forward pass gives them
+                    logits = torch.stack(res.logits, dim=1).float() / temperature  # (B, T_new, V)
+                    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1).tolist()
+                    del logits
+                for row, ((i, j), ids) in enumerate(zip(chunk, new_ids.tolist(), strict=True)):
                     finished = tok.eos_token_id in ids
+                    lp = token_lp[row] if token_lp is not None else None
                     if finished:
                         ids = ids[: ids.index(tok.eos_token_id) + 1]
-                    else:
+                        lp = lp[: len(ids)] if lp is not None else None
+                    elif tok.pad_token_id in ids:
                         ids = [t for t in ids if t != tok.pad_token_id]
+                        lp = None  # the kept ids no longer show the context the later tokens were sampled in
                     text = tok.decode(ids, skip_special_tokens=True).strip()
-                    out[i][j] = Completion(text=text, token_ids=ids, finished=finished)
+                    out[i][j] = Completion(text=text, token_ids=ids, finished=finished, logprobs=lp)
                 advance(len(chunk))
         if was_training:
             self.model.train()

@@ -116,6 +116,39 @@ def encode(tokenizer, prompt: str, response: str) -> list[int]:  # noqa: ANN001
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
+def length_buckets(lengths: Sequence[int], batch_size: int, order: Sequence[int] | None = None,
+                   min_rows: int = 8, max_waste: float = 0.1) -> list[list[int]]:
+    """Split items sorted by length (longest first) into batches that pad little.
+
+    A batch closes at ``batch_size`` items, or before an item shorter than
+    ``(1 - max_waste)`` times the batch's longest once it holds ``min_rows``
+    (so that no batch pads more than ~``max_waste`` of its tokens, and matrix
+    products stay large enough to run at full speed).
+
+    Args:
+        lengths: item lengths in ``order``, non-increasing.
+        batch_size: most items per batch.
+        order: the items' ids (default ``range(len(lengths))``).
+
+    Returns:
+        Lists of ids, in order.
+    """
+    ids = list(range(len(lengths))) if order is None else list(order)
+    out: list[list[int]] = []
+    cur: list[int] = []
+    top = 0
+    for i, n in zip(ids, lengths, strict=True):
+        if cur and (len(cur) >= batch_size or (len(cur) >= min_rows and n < (1 - max_waste) * top)):
+            out.append(cur)
+            cur = []
+        if not cur:
+            top = n
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +180,8 @@ class RewardModelScorer:
         if getattr(model.config, "num_labels", 1) != 1:
             raise UserError(f"{path}: the model has {model.config.num_labels} outputs; a reward model has one "
                             "(train it with `iterative-rlhf rm train` or load it with num_labels=1)")
-        self.model = model.to(self.device).eval()
+        # frozen: no gradients, and autocast (PPO's mixed precision) does not keep bf16 copies of its weights
+        self.model = model.to(self.device).eval().requires_grad_(False)
         limits = [x for x in (max_length, getattr(model.config, "max_position_embeddings", None)) if x]
         self.max_length = min(limits) if limits else None
         self.pad_id = self.model.config.pad_token_id
@@ -165,8 +199,7 @@ class RewardModelScorer:
         truncated = 0
         with small_model_threads(self.model, self.device), \
                 progress(description or f"scoring with {Path(self.path).name}", n) as advance:
-            for start in range(0, n, self.batch_size):
-                idx = order[start: start + self.batch_size]
+            for idx in length_buckets([len(ids[i]) for i in order], self.batch_size, order):
                 seqs = []
                 for i in idx:
                     seq = list(ids[i])
@@ -218,8 +251,8 @@ class ScoreBatch:
     ``WHITEN(LOGIT(r_c))`` when ``whitened`` else ``LOGIT(r_c)``.
     """
 
-    helpful: Tensor  # (N,) float32
-    safety: Tensor  # (N,) float32
+    helpful: Tensor  # (N,) float32; NaN where score(raw=False) did not need it
+    safety: Tensor  # (N,) float32; NaN where score(raw=False) did not need it
     p_helpful: Tensor  # (N,) float32
     p_safety: Tensor  # (N,) float32
     used_safety: Tensor  # (N,) bool
@@ -277,16 +310,28 @@ class GatedScorer:
 
     @torch.no_grad()
     def _score(self, prompts: Sequence[str], responses: Sequence[str], is_safety: Sequence[bool] | Tensor,
-               whiten: WhitenStats | None) -> ScoreBatch:
+               whiten: WhitenStats | None, raw: bool = True) -> ScoreBatch:
         n = len(prompts)
         if not (len(responses) == n and len(is_safety) == n):
             raise UserError(f"score: got {n} prompts, {len(responses)} responses and {len(is_safety)} is_safety "
                             "flags; pass one of each per pair")
-        # Both RMs tokenise alike when they share a tokenizer, but each uses its own to be safe.
-        helpful = self.helpful_rm.score(prompts, responses, "scoring: helpfulness RM")  # (N,)
-        safety = self.safety_rm.score(prompts, responses, "scoring: safety RM")  # (N,)
         flags = torch.as_tensor(list(is_safety) if not isinstance(is_safety, Tensor) else is_safety,
                                 dtype=torch.bool).reshape(n)  # (N,)
+        # Both RMs tokenise alike when they share a tokenizer, but each uses its own to be safe.
+        nan = torch.full((n,), float("nan"))  # (N,) a raw score that was not computed (raw=False)
+        safety = self.safety_rm.score(prompts, responses, "scoring: safety RM") \
+            if raw or self.cfg.kind != "helpful" else nan  # (N,)
+        if raw or self.cfg.kind == "helpful":
+            helpful = self.helpful_rm.score(prompts, responses, "scoring: helpfulness RM")  # (N,)
+        elif self.cfg.kind == "safety":
+            helpful = nan
+        else:  # gated: the helpfulness RM only where the gate will not pick the safety score
+            need = ~(flags | (torch.sigmoid(safety.double()) < self.cfg.threshold))  # (N,) eq. 3's other branch
+            helpful = nan.clone()
+            rows = need.nonzero().flatten().tolist()
+            if rows:
+                helpful[need] = self.helpful_rm.score([prompts[i] for i in rows], [responses[i] for i in rows],
+                                                      "scoring: helpfulness RM")
         p_h, p_s = torch.sigmoid(helpful.double()), torch.sigmoid(safety.double())  # (N,) float64 for the logit
         if self.cfg.kind == "gated":
             r_c, used = gate(p_h, p_s, flags, self.cfg.threshold)  # Llama 2 eq. 3
@@ -301,9 +346,16 @@ class GatedScorer:
                           used_safety=used, r_c=r_c.float(), reward=reward.float(), whitened=whiten is not None)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
-              is_safety: Sequence[bool] | Tensor) -> ScoreBatch:
-        """Score N pairs; ``is_safety[i]`` is the IS_SAFETY tag of ``prompts[i]``. No gradients."""
-        return self._score(prompts, responses, is_safety, self.whiten)
+              is_safety: Sequence[bool] | Tensor, raw: bool = True) -> ScoreBatch:
+        """Score N pairs; ``is_safety[i]`` is the IS_SAFETY tag of ``prompts[i]``. No gradients.
+
+        ``raw=False`` runs each RM only on the pairs whose reward needs it (PPO
+        rollouts): with the gate, the helpfulness RM skips safety-tagged prompts and
+        pairs whose safety probability is under the threshold; ``kind="helpful"`` /
+        ``"safety"`` skip the other RM. The raw scores not computed are NaN
+        (``reward``, ``r_c`` and ``used_safety`` are the same as with ``raw=True``).
+        """
+        return self._score(prompts, responses, is_safety, self.whiten, raw=raw)
 
     def fit_whitening(self, prompts: Sequence[str], responses: Sequence[str],
                       is_safety: Sequence[bool] | Tensor) -> WhitenStats:

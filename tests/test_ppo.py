@@ -215,6 +215,90 @@ def test_policy_logits_and_values_match_unpadded_sequences():
             assert torch.allclose(vals[i, : len(r)], want_v, atol=1e-5)
 
 
+def test_engine_logprobs_match_a_forward_pass(tiny_ckpt):
+    """HF generate's own logits give the rollout log-probs (ppo.rollout_logprobs=engine): 1e-4 from a forward pass."""
+    from iterative_rlhf.checkpoint import load_causal_lm, load_tokenizer
+    from iterative_rlhf.generation import HFEngine
+
+    recipe = tiny_recipe()
+    tok = load_tokenizer(str(tiny_ckpt))
+    model = load_causal_lm(str(tiny_ckpt))
+    engine = HFEngine(str(tiny_ckpt), recipe.generation, model=model, tokenizer=tok)
+    prompts = ["Add 2 and 3.", "What is the capital of France?", "Add 1 and 1.", "Say the opposite of hot."] * 3
+    batch, comps = ppo.rollout(engine, tok, prompts, temperature=0.7, max_new_tokens=6, seed=3, engine_logprobs=True)
+    lp, have = ppo.engine_logprobs(comps, batch)
+    assert have.sum() >= len(prompts) - 2  # only a sampled pad token (dropped from the ids) leaves a row without
+    with torch.no_grad():
+        want = logprobs_from_logits(ppo.policy_logits(model, batch, temperature=0.7), batch.response)  # (B, R)
+    m = batch.response_mask.bool() & have[:, None]
+    torch.testing.assert_close(lp[m], want[m], atol=1e-4, rtol=0)
+    assert (lp[~batch.response_mask.bool()] == 0).all()
+    # Same samples with or without the log-probs (the same seeds per generate batch).
+    _, plain = ppo.rollout(engine, tok, prompts, temperature=0.7, max_new_tokens=6, seed=3)
+    assert [c.token_ids for c in plain] == [c.token_ids for c in comps]
+    assert all(c.logprobs is None for c in plain)
+
+    # rollout_forward keeps the engine's rows and runs the policy only on the others.
+    class M:
+        accelerator = None
+        reference = model
+
+        def unwrapped_policy(self):  # noqa: ANN202
+            return model
+
+        def unwrapped_value(self):  # noqa: ANN202
+            return model  # value_predictions reads logit 0 of every position: any model does here
+
+        def reference_model(self):  # noqa: ANN202
+            import contextlib
+
+            return contextlib.nullcontext(model)
+
+    have2 = have.clone()
+    have2[0] = False
+    lp2 = lp.clone()
+    lp2[0] = 123.0  # ignored: row 0 is recomputed
+    got, ref, _ = ppo.rollout_forward(M(), batch, 0.7, 5, lp2, have2)
+    torch.testing.assert_close(got[0], want[0] * batch.response_mask[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[have2], lp[have2])
+    torch.testing.assert_close(ref[m], want[m], atol=1e-4, rtol=0)  # reference = the same model here
+
+
+def test_bf16_mixed_precision_forward_passes_stay_close_to_float32(tiny_ckpt):
+    from types import SimpleNamespace
+
+    from iterative_rlhf.checkpoint import load_causal_lm
+
+    model = load_causal_lm(str(tiny_ckpt))
+    batch = ppo.pad_rollouts([[1, 5, 6, 7], [1, 9]], [[10, 11], [12, 13, 14, 2]], pad_id=0)
+    models = ppo.Models(policy=model, value=None, reference=None, tokenizer=None, policy_opt=None, value_opt=None,
+                        accelerator=SimpleNamespace(device=torch.device("cpu")), mixed_precision="bf16")
+    with torch.no_grad():
+        want = logprobs_from_logits(ppo.policy_logits(model, batch), batch.response)
+        with models.autocast():
+            assert torch.is_autocast_enabled("cpu")
+            got = logprobs_from_logits(ppo.policy_logits(model, batch), batch.response)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    models.mixed_precision = "none"
+    with models.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_run_with_bf16_and_engine_logprobs_logs_the_phase_split(tiny_ckpt, tmp_path):
+    prompts = [{"prompt": f"Add {i} and 1.", "is_safety": False} for i in range(8)]
+    ppo.run_ppo(tiny_recipe("ppo.mixed_precision=bf16"), policy_path=str(tiny_ckpt), helpful_rm=str(tiny_ckpt),
+                safety_rm=str(tiny_ckpt), out_dir=tmp_path / "run", prompts=prompts, eval_prompts=prompts[:3],
+                scorer=JudgeScorer(), whiten=WhitenStats(0.0, 1.0))
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    last = rows[-1]
+    assert last["iteration"] == 2 and math.isfinite(last["pg_loss"]) and math.isfinite(last["kl"])
+    assert last["rollout_logprobs_from_engine"] > 0.5
+    for k in ("cpu_generation", "cpu_scoring", "cpu_rollout_forward", "cpu_update", "peak_rss_mib"):
+        assert last[k] >= 0
+    assert last["cpu_seconds"] >= last["cpu_update"]
+
+
 # --------------------------------------------------------------------------- 3-4. rewards and advantages
 
 

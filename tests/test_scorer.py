@@ -88,6 +88,39 @@ def test_length_sorting_restores_input_order(rms):
     assert len({len(encode(batched.tokenizer, p, r)) for p, r in zip(prompts, responses, strict=True)}) > 3
 
 
+def test_reward_only_scoring_skips_the_helpfulness_rm_where_the_gate_picks_safety(rms):
+    prompts, responses, is_safety = _data()
+    with GatedScorer(*rms, ScorerConfig(batch_size=5)) as scorer:
+        thr = float(torch.sigmoid(scorer.score(prompts, responses, is_safety).safety).median())
+        scorer.cfg = replace(scorer.cfg, threshold=thr)
+        full = scorer.score(prompts, responses, is_safety)
+        calls = []
+        score = scorer.helpful_rm.score
+        scorer.helpful_rm.score = lambda p, r, d=None: calls.append(len(p)) or score(p, r, d)
+        lean = scorer.score(prompts, responses, is_safety, raw=False)
+    assert torch.equal(lean.used_safety, full.used_safety)
+    torch.testing.assert_close(lean.reward, full.reward)
+    torch.testing.assert_close(lean.safety, full.safety)
+    skipped = full.used_safety
+    assert skipped.any() and (~skipped).any()
+    assert calls == [int((~skipped).sum())]  # the helpfulness RM saw only the rows the gate sends to it
+    assert lean.helpful[skipped].isnan().all()
+    torch.testing.assert_close(lean.helpful[~skipped], full.helpful[~skipped])
+
+
+def test_length_buckets_bound_padding():
+    from iterative_rlhf.scorer import length_buckets
+
+    lengths = [60] * 3 + [55] * 10 + [40] * 20 + [39] * 5
+    out = length_buckets(lengths, batch_size=16, min_rows=8)
+    assert sum(out, []) == list(range(len(lengths)))  # every item once, in order
+    assert all(len(b) <= 16 for b in out)
+    for b in out:
+        top = lengths[b[0]]
+        assert len(b) < 8 or all(lengths[i] >= 0.9 * top for i in b[8:])
+    assert [len(b) for b in out] == [13, 16, 9]  # 60/55 together (>= 8 rows before the cut), then 40s and 39s
+
+
 def test_whitening_fit_and_apply(rms):
     prompts, responses, is_safety = _data()
     with GatedScorer(*rms, ScorerConfig(threshold=0.4)) as scorer:
