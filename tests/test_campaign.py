@@ -69,7 +69,11 @@ def stages_done(run_dir: Path) -> set[str]:
 
 
 def comparable(report: dict) -> dict:
-    """The report without what legitimately differs between runs: times and paths."""
+    """The report without what legitimately differs between runs: times, memory and paths."""
+
+    def timing(k: str) -> bool:
+        return k.startswith(("time", "cpu_", "peak_rss")) or k.endswith(("_s", "seconds"))
+
     report = json.loads(json.dumps(report))
     report.pop("run_dir", None)
     report.pop("plots", None)
@@ -78,11 +82,10 @@ def comparable(report: dict) -> dict:
         r.pop("times", None)
         if r.get("ppo"):
             for row in r["ppo"].get("history", []):
-                for k in [k for k in row if k.startswith("time") or k.endswith("_s") or k.endswith("seconds")]:
+                for k in [k for k in row if timing(k)]:
                     row.pop(k)
             if r["ppo"].get("final"):
-                for k in [k for k in r["ppo"]["final"] if k.startswith("time") or k.endswith("_s")
-                          or k.endswith("seconds")]:
+                for k in [k for k in r["ppo"]["final"] if timing(k)]:
                     r["ppo"]["final"].pop(k)
     return report
 

@@ -73,3 +73,26 @@ def test_annotator_noise_flips_near_ties_more_than_clear_pairs():
     clear = sum(ann.compare(p, "7", "I can't help with that.", rng)[0] == "7" for _ in range(400)) / 400
     near = sum(ann.compare(p, "7", "It is 7.", rng)[0] == "7" for _ in range(400)) / 400
     assert clear > 0.9 and 0.4 < near < 0.7
+
+
+def test_worlds_that_differ_only_in_annotation_share_the_trained_policy(world, world_config, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    from iterative_rlhf.tinyworld import build as build_mod
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the base policy was trained again")
+
+    monkeypatch.setattr("iterative_rlhf.tinyworld.policy.train_policy", no_training)
+    other = dataclasses.replace(world_config, comparisons_per_prompt=world_config.comparisons_per_prompt + 1)
+    assert build_mod.world_paths(other).root != world.root
+    assert build_mod.policy_store(other) == build_mod.policy_store(world_config)
+    paths = build_mod.build_world(other)
+
+    def digest(p):
+        return hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+
+    assert digest(paths.policy) == digest(world.policy)
+    rows = [json.loads(x) for x in paths.comparisons("helpful", "train").read_text().splitlines()]
+    assert len(rows) > 0

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,27 @@ def cache_root(cfg: TinyWorldConfig) -> Path:
     return Path(base).expanduser()
 
 
+#: The config fields the base policy depends on; worlds that differ only in the
+#: annotators or the comparisons share one trained policy.
+POLICY_FIELDS = ("seed", "hidden_size", "num_layers", "num_heads", "vocab_size", "corpus_size", "train_steps",
+                 "train_batch_size", "learning_rate")
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def world_paths(cfg: TinyWorldConfig) -> WorldPaths:
-    key = json.dumps({"cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
-                      "lexicon": LEXICON, "format": FORMAT_VERSION}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    digest = _digest({"cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
+                      "lexicon": LEXICON, "format": FORMAT_VERSION})
     return WorldPaths(cache_root(cfg) / f"tinyworld-v{LEXICON['version']}-{digest}")
+
+
+def policy_store(cfg: TinyWorldConfig) -> Path:
+    """Where the base policy of ``cfg`` is kept, shared by every world with the same policy fields."""
+    digest = _digest({"policy": {k: getattr(cfg, k) for k in POLICY_FIELDS}, "lexicon": LEXICON,
+                      "format": FORMAT_VERSION})
+    return cache_root(cfg) / "policies" / f"tinyworld-policy-{digest}"
 
 
 def _manifest(paths: WorldPaths) -> dict:
@@ -93,12 +110,20 @@ def build_world(cfg: TinyWorldConfig, force: bool = False) -> WorldPaths:
         _mark(paths, "prompts", cfg)
 
     if "policy" not in done:
-        from .policy import train_policy
+        store = policy_store(cfg)
+        if not (store / "config.json").exists():
+            from .policy import train_policy
 
-        log(f"TinyWorld: training the base policy ({cfg.train_steps} steps) -> {paths.policy}")
-        corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed)
+            log(f"TinyWorld: training the base policy ({cfg.train_steps} steps) -> {store}")
+            corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed)
+            tmp = atomic_dir(store)
+            train_policy(cfg, corpus, tmp)
+            commit_dir(tmp, store)
+        else:
+            log(f"TinyWorld: reusing the base policy trained for the same policy settings: {store}")
         tmp = atomic_dir(paths.policy)
-        train_policy(cfg, corpus, tmp)
+        shutil.rmtree(tmp)
+        shutil.copytree(store, tmp)
         commit_dir(tmp, paths.policy)
         _mark(paths, "policy", cfg)
 
