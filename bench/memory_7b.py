@@ -1,10 +1,12 @@
-"""What fits on one 80 GB GPU during PPO with a 7B Llama: bf16 LoRA vs 4-bit QLoRA (and full fine-tuning).
+"""What fits on one 80 GB GPU during PPO with a 7B model: the 7B recipes, bf16 LoRA vs 4-bit QLoRA vs full.
 
 PPO holds the policy, the reference, the value model and two reward models at
-once. This script computes, for Llama-2-7B's shapes and the batch and lengths
-of ``recipes/llama2-7b-hh-qlora.yaml`` (LoRA r=16 on all seven projections),
-the bytes of every part as ``iterative_rlhf.ppo`` and the gated scorer load
-them:
+once. This script computes, for each 7B recipe in ``recipes/`` (Llama-2-7B's
+shapes; Mistral-7B's for the Zephyr and Mistral recipes) with its batch,
+lengths, ``ppo.micro_batch_size`` and ``ppo.gradient_checkpointing``, the bytes
+of every part as ``iterative_rlhf.ppo`` and the gated scorer load them, on one
+GPU (one process), or per GPU for the full fine-tuning recipes under FSDP
+(their ``campaign.accelerate_config``'s process count):
 
 * weights: bf16; with QLoRA the linear layers in nf4 with double quantisation
   (4.127 bits per weight), and ``prepare_model_for_kbit_training`` turns the
@@ -15,16 +17,21 @@ them:
 * trainable weights, gradients and AdamW's two moments: LoRA adapters are
   float32 (peft), so 16 bytes per trainable parameter; full fine-tuning keeps
   gradients and moments in the weights' dtype (bf16: 8 bytes per parameter);
-* activations saved for the backward pass of one PPO update (policy, then
-  value, each freed before the next), ``ppo.mini_batch_size`` sequences of
+* activations saved for the backward pass of one PPO update pass (policy, then
+  value, each freed before the next): ``ppo.micro_batch_size`` sequences (0 =
+  the process's share of ``ppo.mini_batch_size``) of
   ``model.max_prompt_length + generation.max_new_tokens`` tokens: per token and
   layer the bytes measured on small Llamas with the same layer ratios and the
   same dtypes (torch saved-tensor hooks), scaled with the hidden size; plus the
   float32 logits of the response positions (saved 4 bytes + ~10 bytes of
-  transients per logit);
+  transients per logit); with ``ppo.gradient_checkpointing`` each layer's bf16
+  input plus one layer's activations (recomputed in the backward pass);
 * sampling: vLLM's share (``generation.gpu_memory_utilization`` x the GPU),
-  or with the HF engine (the only one PPO takes with a quantised policy) the
-  KV cache of ``generation.batch_size`` sequences;
+  or with the HF engine (PPO's fallback with a quantised policy or several
+  processes) the KV cache of a ``generate`` batch: ``generation.batch_size``
+  sequences, at most ``HFEngine.LOGITS_BUDGET_BYTES`` of float32 step logits
+  with ``ppo.rollout_logprobs=engine`` (16 sequences of 512 tokens at vocab
+  32000), plus those logits (~10 bytes each: bf16, float32, log-softmax);
 * the no-grad rollout forward passes read chunks of
   ``max(mini_batch_size, generation.batch_size)`` sequences: their logits.
 
@@ -37,7 +44,7 @@ bytes, AdamW state bytes and saved activations.
 
 Command (from the repository root)::
 
-    python bench/memory_7b.py            # ~1 min on a CPU
+    python bench/memory_7b.py            # ~10 s on a CPU
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from iterative_rlhf.config import LoraConfig, QuantConfig, Recipe, load_recipe  # noqa: E402
+from iterative_rlhf.generation import HFEngine  # noqa: E402
 
 GIB = 1 << 30
 #: An H100 80GB shows 81,559 MiB; ~1 GiB goes to the CUDA context and the allocator's reserve.
@@ -82,6 +90,8 @@ class Shapes:
 
 
 LLAMA2_7B = Shapes()
+#: Mistral-7B (Zephyr-7B-beta, Mistral-7B-Instruct-v0.2): wider MLP, grouped-query attention with 8 KV heads.
+MISTRAL_7B = Shapes(intermediate=14_336, kv_heads=8)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -272,13 +282,16 @@ def validate(hidden: int = 256, layers: int = 2, lora_r: int = 16) -> dict:
 # --------------------------------------------------------------------------- the plan
 
 
-def plan(recipe: Recipe, mode: str, per_hidden: dict[str, float]) -> dict:
+def plan(recipe: Recipe, mode: str, per_hidden: dict[str, float], s: Shapes = LLAMA2_7B,
+         processes: int = 1) -> dict:
     """Bytes of every part of a PPO stage for ``mode`` (full, lora, qlora) on one GPU, and what fits.
 
     Three phases peak separately: sampling (HF's KV cache is freed after ``generate``; vLLM keeps its share
     for the whole stage), the no-grad rollout forward passes, and the update (policy, then value).
+    ``processes`` > 1 (full fine-tuning only): FSDP shards the policy's and value model's weights, gradients and
+    AdamW states over the processes; the reference and the reward models stay whole on every GPU, and each
+    process updates on its share of the mini-batch. Figures are per GPU.
     """
-    s = LLAMA2_7B
     ppo, gen = recipe.ppo, recipe.generation
     T = recipe.model.max_prompt_length + gen.max_new_tokens
     R = gen.max_new_tokens
@@ -288,8 +301,10 @@ def plan(recipe: Recipe, mode: str, per_hidden: dict[str, float]) -> dict:
         for name, lm_head in (("policy", True), ("value", False)):
             n = param_counts(s, lm_head)["total"]
             for k, v in trainable_bytes(n, 2).items():
-                parts[f"{name} {k}"] = v
+                parts[f"{name} {k}"] = v // processes
         parts["reference weights"] = weight_bytes(s, True, "bf16")
+        if processes > 1:  # FSDP gathers one decoder layer at a time (and prefetches the next)
+            parts["FSDP gathered layers (2)"] = 2 * 2 * sum(a * b for a, b in linear_shapes(s).values())
     else:
         for name, lm_head in (("policy", True), ("value", False)):
             parts[f"{name} weights"] = weight_bytes(s, lm_head, mode)
@@ -298,34 +313,48 @@ def plan(recipe: Recipe, mode: str, per_hidden: dict[str, float]) -> dict:
                 parts[f"{name} {'LoRA weights' if k == 'weights' else k}"] = v
         parts["reference weights"] = 0  # the policy with its adapter disabled
     parts["2 reward models (bf16)"] = 2 * weight_bytes(s, False, "bf16")
-    vllm = gen.engine == "vllm" and mode != "qlora"  # PPO refuses vLLM with a quantised policy
+    # ppo._make_engine: vLLM serves PPO in one process with an unquantised policy; else HF generate
+    vllm = gen.engine == "vllm" and mode != "qlora" and processes == 1
     parts["vLLM share (whole stage)"] = int(gen.gpu_memory_utilization * (GPU_BYTES + GIB)) if vllm else 0
     static = sum(parts.values())
     free = GPU_BYTES - static
     kv_seq = T * kv_bytes_per_token(s)
-    sampling = 0 if vllm else gen.batch_size * kv_seq  # HF generate's KV cache
-    layer_token = per_hidden["full" if mode == "full" else mode] * s.hidden  # saved bytes per token and layer
+    hf_batch = gen.batch_size
+    step_logits = 0
+    if ppo.rollout_logprobs == "engine":  # HFEngine keeps every step's float32 logits: batches are cut to a budget
+        hf_batch = max(1, min(hf_batch, HFEngine.LOGITS_BUDGET_BYTES // (4 * s.vocab * R)))
+        step_logits = hf_batch * R * s.vocab * 10  # bf16 logits of each step, their float32 stack, log-softmax
+    sampling = 0 if vllm else hf_batch * kv_seq + step_logits  # HF generate's KV cache (+ its step logits)
+    analytic = analytic_layer_bytes_per_token(s, "full" if mode == "full" else "lora") / \
+        analytic_layer_bytes_per_token(LLAMA2_7B, "full" if mode == "full" else "lora")
+    layer_token = per_hidden[mode] * s.hidden * analytic  # saved bytes per token and layer (measured, scaled)
     logits_seq = (R + 1) * s.vocab * LOGIT_BYTES
     act_seq = T * s.layers * layer_token + logits_seq  # one sequence through one update pass
     # gradient checkpointing per layer: the layer inputs (bf16) stay, one layer's activations are recomputed
     ckpt_seq = T * (s.layers * 2 * s.hidden + layer_token) + logits_seq
-    chunk = max(ppo.mini_batch_size, gen.batch_size)
+    local_mini = ppo.mini_batch_size // processes
+    micro = min(ppo.micro_batch_size or local_mini, local_mini)
+    per_seq = ckpt_seq if ppo.gradient_checkpointing else act_seq
+    chunk = max(local_mini, gen.batch_size)
     rollout_logits = chunk * (R + 1) * s.vocab * (2 + 4 + 4)  # bf16 logits, float32 copy, / temperature
-    b = ppo.mini_batch_size
     peaks = {"sampling": static + sampling, "rollout_forward": static + rollout_logits,
-             "update": static + b * act_seq}
+             "update": static + micro * per_seq}
 
-    def most(per_item: int) -> int:
+    def most(per_item: float) -> int:
         return max(0, int(free // per_item)) if free > 0 else 0
 
-    return {"mode": mode, "sequence_tokens": T, "response_tokens": R, "mini_batch": b, "parts": parts,
+    hf_most = most(kv_seq + (R * s.vocab * 10 if ppo.rollout_logprobs == "engine" else 0))
+    return {"mode": mode, "shapes": s.__dict__, "processes": processes, "sequence_tokens": T, "response_tokens": R,
+            "mini_batch": ppo.mini_batch_size, "local_mini_batch": local_mini, "micro_batch": micro,
+            "gradient_checkpointing": ppo.gradient_checkpointing, "parts": parts,
             "static": static, "free_after_static": free, "hf_sampling_kv_cache": sampling,
-            "hf_sampling_batch": 0 if vllm else gen.batch_size, "update_activations": b * act_seq,
+            "hf_sampling_batch": 0 if vllm else hf_batch, "update_activations": micro * per_seq,
             "activations_per_sequence": act_seq, "activations_per_sequence_checkpointed": ckpt_seq,
             "rollout_forward_chunk": chunk, "rollout_forward_logits": rollout_logits, "peaks": peaks,
             "peak": max(peaks.values()), "gpu_bytes": GPU_BYTES, "fits": max(peaks.values()) <= GPU_BYTES,
+            "headroom": GPU_BYTES - max(peaks.values()),
             "largest_update_micro_batch": most(act_seq), "largest_update_micro_batch_checkpointed": most(ckpt_seq),
-            "largest_hf_sampling_batch": None if vllm else most(kv_seq),
+            "largest_hf_sampling_batch": None if vllm else hf_most,
             "largest_rollout_forward_chunk": most((R + 1) * s.vocab * 10)}
 
 
@@ -337,6 +366,29 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
+def configurations() -> dict[str, tuple[Recipe, str, Shapes, int, str]]:
+    """Column -> (recipe, mode, shapes, processes, label): the 7B recipes as written, and two variants."""
+    rec = REPO / "recipes"
+    no_4bit = [f"{sec}.quant.load_in_4bit=false" for sec in ("ppo", "sft", "reward.helpful", "reward.safety")]
+
+    def fsdp_processes(r: Recipe) -> int:
+        import yaml
+
+        return int(yaml.safe_load((REPO / r.campaign.accelerate_config).read_text())["num_processes"])
+
+    full, mistral = load_recipe(rec / "llama2-7b-hh.yaml"), load_recipe(rec / "mistral-7b-pku.yaml")
+    return {
+        "qlora": (load_recipe(rec / "llama2-7b-hh-qlora.yaml"), "qlora", LLAMA2_7B, 1, "llama2 QLoRA"),
+        "zephyr_qlora": (load_recipe(rec / "zephyr-7b-hh-qlora.yaml"), "qlora", MISTRAL_7B, 1, "zephyr QLoRA"),
+        "lora": (load_recipe(rec / "llama2-7b-hh-qlora.yaml", no_4bit), "lora", LLAMA2_7B, 1, "bf16 LoRA vLLM"),
+        "lora_hf": (load_recipe(rec / "llama2-7b-hh-qlora.yaml", [*no_4bit, "generation.engine=hf"]), "lora",
+                    LLAMA2_7B, 1, "bf16 LoRA HF"),
+        "full_fsdp": (full, "full", LLAMA2_7B, fsdp_processes(full), "llama2 full/8"),
+        "mistral_full_fsdp": (mistral, "full", MISTRAL_7B, fsdp_processes(mistral), "mistral full/8"),
+        "full": (full, "full", LLAMA2_7B, 1, "full, 1 GPU"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory_7b.json")
@@ -345,33 +397,31 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     check = validate()
     per_hidden = {m: check["activations"][m][256]["measured_per_hidden"] for m in ("full", "lora", "qlora")}
-    recipes = {"full": load_recipe(REPO / "recipes" / "llama2-7b-hh.yaml"),
-               "qlora": load_recipe(REPO / "recipes" / "llama2-7b-hh-qlora.yaml")}
-    recipes["lora"] = load_recipe(REPO / "recipes" / "llama2-7b-hh-qlora.yaml", [
-        f"{sec}.quant.load_in_4bit=false" for sec in ("ppo", "sft", "reward.helpful", "reward.safety")])
-    recipes["lora_hf"] = load_recipe(REPO / "recipes" / "llama2-7b-hh-qlora.yaml", [
-        *(f"{sec}.quant.load_in_4bit=false" for sec in ("ppo", "sft", "reward.helpful", "reward.safety")),
-        "generation.engine=hf"])
-    plans = {m: plan(recipes[m], m.removesuffix("_hf"), per_hidden) for m in ("lora", "lora_hf", "qlora", "full")}
+    confs = configurations()
+    plans = {key: plan(r, mode, per_hidden, shapes, processes)
+             for key, (r, mode, shapes, processes, _) in confs.items()}
 
-    print(f"Llama-2-7B PPO on one GPU ({_gib(GPU_BYTES)} GiB usable), GiB; batch and lengths of the recipes "
-          f"(update: {plans['lora']['mini_batch']} x {plans['lora']['sequence_tokens']} tokens)", flush=True)
+    print(f"7B PPO per GPU ({_gib(GPU_BYTES)} GiB usable), GiB; batch, lengths, micro-batch and checkpointing of "
+          f"the recipes ({plans['qlora']['mini_batch']} x {plans['qlora']['sequence_tokens']} tokens per mini-batch)",
+          flush=True)
     names = list(dict.fromkeys(k for p in plans.values() for k in p["parts"]))
-    labels = {"lora": "bf16 LoRA", "lora_hf": "LoRA, HF gen", "qlora": "4-bit QLoRA", "full": "full bf16"}
-    print(f"{'':42s}" + "".join(f"{labels[m]:>13s}" for m in plans))
+    labels = {k: c[4] for k, c in confs.items()}
+    print(f"{'':42s}" + "".join(f"{labels[m]:>15s}" for m in plans))
 
     def row(label: str, values: list[str]) -> None:
-        print(f"{label:42s}" + "".join(f"{v:>13s}" for v in values))
+        print(f"{label:42s}" + "".join(f"{v:>15s}" for v in values))
 
     for k in names:
         row(k, [_gib(p["parts"][k]) if p["parts"].get(k) else "-" for p in plans.values()])
     row("static total", [_gib(p["static"]) for p in plans.values()])
+    row("update micro-batch (gradient checkpointing)",
+        [f"{p['micro_batch']}{' (gc)' if p['gradient_checkpointing'] else ''}" for p in plans.values()])
     row("free after static", [_gib(p["free_after_static"]) for p in plans.values()])
     row("peak: sampling (HF KV cache)", [f"{_gib(p['peaks']['sampling'])}" for p in plans.values()])
     row("peak: rollout forward (logits of a chunk)",
         [f"{_gib(p['peaks']['rollout_forward'])}" for p in plans.values()])
-    row("peak: update (activations of a mini-batch)", [f"{_gib(p['peaks']['update'])}" for p in plans.values()])
-    row("fits in one GPU", [str(p["fits"]) for p in plans.values()])
+    row("peak: update (activations of a micro-batch)", [f"{_gib(p['peaks']['update'])}" for p in plans.values()])
+    row("fits (headroom)", [f"{p['fits']} ({_gib(p['headroom'])})" for p in plans.values()])
     row("activations per sequence", [_gib(p["activations_per_sequence"]) for p in plans.values()])
     row("  with gradient checkpointing", [_gib(p["activations_per_sequence_checkpointed"]) for p in plans.values()])
     row("largest update micro-batch", [str(p["largest_update_micro_batch"]) for p in plans.values()])
@@ -394,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mode:6s} saved activations per token and layer: " + ", ".join(
             f"h={h}: {r['measured']:.0f} B measured / {r['analytic']:.0f} B analytic = {r['ratio']:.3f}"
             for h, r in rows_.items()))
-    result = {"command": "python bench/memory_7b.py", "shapes": LLAMA2_7B.__dict__, "gpu_bytes": GPU_BYTES,
+    result = {"command": "python bench/memory_7b.py", "gpu_bytes": GPU_BYTES,
+              "shapes": {"llama2_7b": LLAMA2_7B.__dict__, "mistral_7b": MISTRAL_7B.__dict__},
+              "columns": {k: {"label": c[4], "recipe": c[0].name, "mode": c[1], "processes": c[3]}
+                          for k, c in confs.items()},
               "nf4_bits_per_weight": NF4_BITS, "logit_bytes": LOGIT_BYTES, "plans": plans, "validation": check,
               "seconds": round(time.perf_counter() - t0, 1),
               "date": time.strftime("%Y-%m-%d"), "machine": "CPU (formulas; small-model checks on the CPU)"}

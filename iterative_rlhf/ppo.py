@@ -18,7 +18,9 @@ One iteration, in the order this file reads (CleanRL's order):
    token, the score added on the last one (``rlmath.token_rewards``, eq. 4).
 4. **GAE** -- ``rlmath.gae`` with the rollout values; advantages whitened over the batch.
 5. **update** -- ``ppo_epochs`` passes over random mini-batches, one clipped
-   policy step and one clipped value step per mini-batch (AdamW, grad clipping).
+   policy step and one clipped value step per mini-batch (AdamW, grad clipping);
+   a mini-batch runs in micro-batches of ``ppo.micro_batch_size`` with
+   token-weighted gradient accumulation, optionally with gradient checkpointing.
 6. **log** -- ``out_dir/metrics.jsonl`` and the console; eval, early stopping, resumable state.
 
 Choices the paper leaves open (each one is where it is used):
@@ -60,6 +62,9 @@ Choices the paper leaves open (each one is where it is used):
   policy) at iteration 0, every ``eval_every`` iterations and at the last one.
   The returned checkpoint is the best evaluated policy, so it is never worse on
   held-out reward than the starting one.
+* With a quantised policy, or in several processes, PPO samples with HF
+  ``generate`` even when ``generation.engine=vllm`` (one log line says so);
+  rejection sampling keeps vLLM.
 * Resume: every ``save_every`` iterations ``out_dir/state/`` is replaced
   atomically. Prompts, sampling seeds and mini-batch orders are functions of
   (seed, iteration), so a resumed run repeats an uninterrupted one exactly.
@@ -125,6 +130,7 @@ __all__ = [
     "RolloutBatch",
     "Scorer",
     "compute_advantages",
+    "enable_gradient_checkpointing",
     "engine_logprobs",
     "evaluate",
     "iteration_prompts",
@@ -350,6 +356,11 @@ def rollout_forward(models: Models, batch: RolloutBatch, temperature: float, chu
     ref_logprobs = torch.zeros(B, R, device=dev)  # (B, R)
     values = torch.zeros_like(ref_logprobs)  # (B, R)
     policy = models.unwrapped_policy()
+    value = models.unwrapped_value()
+    # eval mode: gradient checkpointing (ppo.gradient_checkpointing) acts in training mode only; dropout is off anyway
+    modes = policy.training, value.training
+    policy.eval()
+    value.eval()
     for idx in _chunks_by_length(batch, chunk_size):
         sub = batch.select(idx)
         r = sub.response.shape[1]
@@ -362,7 +373,9 @@ def rollout_forward(models: Models, batch: RolloutBatch, temperature: float, chu
                                                                           s2.response)
         with models.reference_model() as ref:
             ref_logprobs[idx, :r] = logprobs_from_logits(policy_logits(ref, sub, temperature), sub.response)
-        values[idx, :r] = value_predictions(models.unwrapped_value(), sub)
+        values[idx, :r] = value_predictions(value, sub)
+    policy.train(modes[0])
+    value.train(modes[1])
     m = batch.response_mask.bool()
     zero = torch.zeros((), device=logprobs.device)
     return (torch.where(m, logprobs, zero), torch.where(m, ref_logprobs, zero), torch.where(m, values, zero))
@@ -413,10 +426,35 @@ def _finite(x: Tensor, what: str, iteration: int) -> None:
                              "out_dir/state is kept)")
 
 
+def _micro_batches(idx: Tensor, micro_batch_size: int) -> list[Tensor]:
+    """``idx`` cut into consecutive parts of ``micro_batch_size`` rows (0 = one part)."""
+    size = micro_batch_size if 0 < micro_batch_size < len(idx) else len(idx)
+    return [idx[i: i + size] for i in range(0, len(idx), size)]
+
+
+def _accumulating(acc, model, last: bool) -> contextlib.AbstractContextManager:  # noqa: ANN001
+    """DDP: no gradient all-reduce until the last micro-batch of a step (FSDP and one process: a no-op).
+
+    FSDP's ``no_sync`` would hold unsharded gradients, the memory micro-batching is there to save.
+    """
+    if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return acc.no_sync(model)
+
+
 def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_values: Tensor, adv: Advantages,
                cfg: PPOConfig, *, mini_batch_size: int, generator: torch.Generator,
                iteration: int) -> dict[str, float]:
     """``cfg.ppo_epochs`` passes over random mini-batches: one policy step and one value step each (AdamW).
+
+    A mini-batch goes through the models in micro-batches of ``cfg.micro_batch_size``
+    rows (0 = all at once) whose gradients accumulate before the step. The losses
+    are masked means over the *mini-batch's* response tokens, so micro-batch j's
+    masked mean is weighted by ``n_j / N`` (its response tokens over the
+    mini-batch's): ``sum_j (S_j / n_j) (n_j / N) = S / N``, the same loss, gradient,
+    clipped step and diagnostics as one pass (up to float rounding). Weighting
+    each micro-batch equally instead would be a mean of means, which weights the
+    tokens of short micro-batches more.
 
     Args:
         models: policy, value model, optimisers and accelerator.
@@ -424,14 +462,14 @@ def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_va
         old_logprobs: (B, R) rollout log-probs.
         old_values: (B, R) rollout values.
         adv: advantages and returns of ``batch``.
-        cfg: clip ranges, max_grad_norm, epochs.
+        cfg: clip ranges, max_grad_norm, epochs, micro_batch_size.
         mini_batch_size: rollouts per gradient step on this process.
         generator: CPU generator of the mini-batch order.
         iteration: named in a NumericalError.
 
     Returns:
         Means over the mini-batches of pg_loss, vf_loss, clipfrac, approx_kl,
-        vf_clipfrac, entropy, grad_norm and value_grad_norm.
+        vf_clipfrac, entropy (each that of the whole mini-batch), grad_norm and value_grad_norm.
     """
     acc = models.accelerator
     models.policy.train()
@@ -443,42 +481,61 @@ def ppo_update(models: Models, batch: RolloutBatch, old_logprobs: Tensor, old_va
         perm = torch.randperm(B, generator=generator).to(batch.response.device)
         for start in range(0, B, mini_batch_size):
             idx = perm[start: start + mini_batch_size]
-            mb = batch.select(idx)
-            r = mb.response.shape[1]
-            mb_mask = mb.response_mask
-            mb_old_logprobs, mb_old_values = old_logprobs[idx, :r], old_values[idx, :r]  # (b, r)
-            mb_advantages, mb_returns = adv.advantages[idx, :r], adv.returns[idx, :r]  # (b, r)
+            parts = _micro_batches(idx, cfg.micro_batch_size)
+            n_tokens = batch.response_mask[idx].sum().clamp(min=1).float()  # () N: masked means divide by it
+            row: dict[str, Tensor] = {}  # diagnostics of the mini-batch: sums of n_j / N-weighted masked means
 
-            with models.autocast():
-                logits = policy_logits(models.policy, mb, models.temperature)  # (b, r, V) float32
-            new_logprobs = logprobs_from_logits(logits, mb.response)  # (b, r)
-            pg_loss, pg_diag = policy_loss(new_logprobs, mb_old_logprobs, mb_advantages, mb_mask, cfg.clip_range)
-            _finite(pg_loss, "the policy loss", iteration)
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), mb_mask)
-            del logits  # (b, r, V) can be large: not kept through the value pass
+            def add(k: str, v: Tensor, weight: Tensor) -> None:
+                row[k] = row.get(k, 0.0) + v.detach() * weight  # noqa: B023 - row is this mini-batch's
+
             # Policy, then value: separate backward passes free the policy's activations before the value
             # forward (one backward of pg_loss + vf_loss gave the same gradients at a higher peak memory).
-            acc.backward(pg_loss)
+            for j, sub in enumerate(parts):
+                mb = batch.select(sub)
+                r = mb.response.shape[1]
+                w = mb.response_mask.sum().float() / n_tokens  # () n_j / N
+                with models.autocast():
+                    logits = policy_logits(models.policy, mb, models.temperature)  # (b, r, V) float32
+                new_logprobs = logprobs_from_logits(logits, mb.response)  # (b, r)
+                pg_loss, pg_diag = policy_loss(new_logprobs, old_logprobs[sub, :r], adv.advantages[sub, :r],
+                                               mb.response_mask, cfg.clip_range)
+                _finite(pg_loss, "the policy loss", iteration)
+                with torch.no_grad():
+                    add("entropy", masked_mean(entropy_from_logits(logits), mb.response_mask), w)
+                del logits  # (b, r, V) can be large: not kept through the backward pass
+                with _accumulating(acc, models.policy, last=j == len(parts) - 1):
+                    acc.backward(pg_loss * w)
+                add("pg_loss", pg_loss, w)
+                for k, v in pg_diag.items():
+                    add(k, v, w)
+                del pg_loss, new_logprobs
             grad_norm = acc.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
             _finite(torch.as_tensor(grad_norm), "the policy gradient norm", iteration)
             models.policy_opt.step()
             models.policy_opt.zero_grad(set_to_none=True)
 
-            with models.autocast():
-                new_values = value_predictions(models.value, mb)  # (b, r) float32
-            vf_loss, vf_diag = value_loss(new_values, mb_old_values, mb_returns, mb_mask, cfg.value_clip_range)
-            _finite(vf_loss, "the value loss", iteration)
-            acc.backward(vf_loss)
+            for j, sub in enumerate(parts):
+                mb = batch.select(sub)
+                r = mb.response.shape[1]
+                w = mb.response_mask.sum().float() / n_tokens  # () n_j / N
+                with models.autocast():
+                    new_values = value_predictions(models.value, mb)  # (b, r) float32
+                vf_loss, vf_diag = value_loss(new_values, old_values[sub, :r], adv.returns[sub, :r],
+                                              mb.response_mask, cfg.value_clip_range)
+                _finite(vf_loss, "the value loss", iteration)
+                with _accumulating(acc, models.value, last=j == len(parts) - 1):
+                    acc.backward(vf_loss * w)
+                add("vf_loss", vf_loss, w)
+                for k, v in vf_diag.items():
+                    add(k, v, w)
+                del vf_loss, new_values
             value_grad_norm = acc.clip_grad_norm_(models.value.parameters(), cfg.max_grad_norm)
             _finite(torch.as_tensor(value_grad_norm), "the value gradient norm", iteration)
             models.value_opt.step()
             models.value_opt.zero_grad(set_to_none=True)
             _trim_heap()  # before the next mini-batch's activations (peak RSS -70 MiB at 27.7M, no time cost seen)
 
-            row = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "entropy": entropy,
-                   "grad_norm": torch.as_tensor(grad_norm), "value_grad_norm": torch.as_tensor(value_grad_norm),
-                   **pg_diag, **vf_diag}
+            row.update(grad_norm=torch.as_tensor(grad_norm), value_grad_norm=torch.as_tensor(value_grad_norm))
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
@@ -592,6 +649,20 @@ def load_value_model(recipe: Recipe, policy_path: str, helpful_rm: str, pad_toke
     return model
 
 
+def enable_gradient_checkpointing(model) -> None:  # noqa: ANN001
+    """Per-layer activation recomputation in training mode (non-reentrant ``torch.utils.checkpoint``).
+
+    With LoRA the embeddings are frozen, so their output does not require a
+    gradient; peft models get ``enable_input_require_grads`` (transformers 5 does
+    it inside ``gradient_checkpointing_enable``; older versions did not). The
+    non-reentrant checkpoint itself does not need it, the reentrant one does.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if base is not model and not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+
+
 def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) -> Models:  # noqa: ANN001
     """Policy (full, LoRA or QLoRA), reference, value model and their AdamW optimisers, prepared."""
     cfg = recipe.ppo
@@ -610,6 +681,9 @@ def load_models(recipe: Recipe, policy_path: str, helpful_rm: str, accelerator) 
         reference.eval()
         reference.to(accelerator.device)
     value = load_value_model(recipe, policy_path, helpful_rm, tokenizer.pad_token_id)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(value)
 
     def adamw(model, lr: float) -> torch.optim.Optimizer:  # noqa: ANN001
         params = [p for p in model.parameters() if p.requires_grad]
@@ -885,15 +959,25 @@ def _fit_whitening(engine, scorer: Scorer, prompts: Sequence[dict], recipe: Reci
 
 
 def _make_engine(recipe: Recipe, models: Models, policy_path: str, seed: int):  # noqa: ANN202
+    """vLLM where it can serve PPO, else HF ``generate`` on the live policy (with a log line saying why).
+
+    vLLM cannot take a quantised policy's weights (bitsandbytes + LoRA: merged
+    weights would be full precision, a second 7B copy) and samples in one
+    process; in those cases PPO falls back to the HF engine for its rollouts and
+    evaluations, while rejection sampling, sampling and evaluation stages keep
+    ``generation.engine=vllm``.
+    """
     gen = recipe.generation
     if gen.engine == "vllm":
+        why = ""
         if models.accelerator.num_processes > 1:
-            raise UserError("generation.engine=vllm runs PPO in one process; launch without `accelerate launch` "
-                            "or use generation.engine=hf")
-        if recipe.ppo.quant.load_in_4bit or recipe.ppo.quant.load_in_8bit:
-            raise UserError("generation.engine=vllm cannot take weights from a quantised (QLoRA) policy; use "
-                            "generation.engine=hf or full/LoRA PPO")
-        return VLLMEngine(policy_path, gen, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
+            why = f"PPO runs in {models.accelerator.num_processes} processes and vLLM samples in one"
+        elif recipe.ppo.quant.load_in_4bit or recipe.ppo.quant.load_in_8bit:
+            why = "vLLM cannot take a quantised (QLoRA) policy's weights"
+        if not why:
+            return VLLMEngine(policy_path, gen, seed=seed, trust_remote_code=recipe.model.trust_remote_code)
+        log(f"PPO: sampling with HF generate, not vLLM: {why} (generation.engine=vllm still serves rejection "
+            f"sampling; HF batches of generation.batch_size={gen.batch_size})")
     # the HF engine samples from the live in-memory policy: nothing to sync
     return HFEngine(policy_path, gen, model=models.unwrapped_policy(), tokenizer=models.tokenizer,
                     trust_remote_code=recipe.model.trust_remote_code)

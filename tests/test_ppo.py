@@ -397,6 +397,124 @@ def test_lora_reference_is_the_policy_with_the_adapter_disabled(tiny_ckpt):
     assert hasattr(models.unwrapped_policy(), "disable_adapter")  # the merge was undone
 
 
+# --------------------------------------------------------------------------- 5. update: micro-batches, checkpointing
+
+
+@pytest.fixture(scope="module")
+def world_rollouts(world):
+    """32 rollouts of the tests' TinyWorld policy (train prompts, 24 new tokens at temperature 1) and scores."""
+    from iterative_rlhf.checkpoint import load_causal_lm, load_tokenizer
+    from iterative_rlhf.generation import HFEngine
+
+    recipe = load_recipe(None, overrides=["generation.max_new_tokens=24"])
+    tok = load_tokenizer(str(world.policy))
+    engine = HFEngine(str(world.policy), recipe.generation, model=load_causal_lm(str(world.policy)), tokenizer=tok)
+    prompts = [r["prompt"] for r in read_jsonl(world.prompts("train"))[:32]]
+    batch, _ = ppo.rollout(engine, tok, prompts, temperature=1.0, max_new_tokens=24, seed=5)
+    lengths = batch.response_mask.sum(1)
+    assert lengths.min() < lengths.max()  # responses of different lengths: micro-batches hold unequal token counts
+    return batch, torch.randn(len(prompts), generator=torch.Generator().manual_seed(0))
+
+
+def _trainable(models: ppo.Models) -> dict[str, torch.Tensor]:
+    return {f"{name}.{n}": p.detach().clone() for name, m in (("policy", models.unwrapped_policy()),
+                                                              ("value", models.unwrapped_value()))
+            for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _one_update(world, batch, scores, *overrides: str) -> tuple[dict, dict, dict, ppo.Models]:  # noqa: ANN001
+    """Fresh models (same seed), one PPO epoch of 2 mini-batches of 16: metrics, weights before and after, models."""
+    from accelerate import Accelerator
+
+    recipe = load_recipe(None, overrides=["ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.ppo_epochs=1",
+                                          "ppo.value_init=policy", "ppo.learning_rate=0.001",
+                                          "ppo.value_learning_rate=0.001", *overrides])
+    torch.manual_seed(0)  # LoRA's A matrices
+    models = ppo.load_models(recipe, str(world.policy), str(world.policy), Accelerator(cpu=True))
+    with torch.no_grad():  # a non-zero value head, so the value backbone gets gradients too
+        head = [p for n, p in models.unwrapped_value().named_parameters() if "score" in n and p.requires_grad][0]
+        head.copy_(0.1 * torch.randn(head.shape, generator=torch.Generator().manual_seed(1)))
+    before = _trainable(models)
+    logprobs, ref_logprobs, values = ppo.rollout_forward(models, batch, 1.0, 32)
+    adv = ppo.compute_advantages(scores, logprobs, ref_logprobs, values, batch.response_mask, recipe.ppo)
+    metrics = ppo.ppo_update(models, batch, logprobs, values, adv, recipe.ppo, mini_batch_size=16,
+                             generator=torch.Generator().manual_seed(2), iteration=1)
+    return metrics, before, _trainable(models), models
+
+
+def _assert_same_update(a: tuple, b: tuple) -> None:
+    (ma, start, wa, _), (mb, start_b, wb, _) = a, b
+    assert all(torch.equal(start[k], start_b[k]) for k in start)  # the same initial weights
+    assert wa.keys() == wb.keys() == start.keys()
+    moved = max(float((wa[k] - start[k]).abs().max()) for k in wa)
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)  # the step is ~1e-3 per weight; the two agree to 1e-5
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-6), k
+
+
+def test_micro_batches_and_gradient_checkpointing_give_the_full_mini_batch_update(world, world_rollouts):
+    """Micro-batches of mini/4 (token-weighted losses) and per-layer checkpointing: the same weights and metrics."""
+    batch, scores = world_rollouts
+    whole = _one_update(world, batch, scores)
+    micro = _one_update(world, batch, scores, "ppo.micro_batch_size=4")
+    _assert_same_update(whole, micro)
+    ckpt = _one_update(world, batch, scores, "ppo.micro_batch_size=4", "ppo.gradient_checkpointing=true")
+    assert ckpt[3].unwrapped_policy().model.gradient_checkpointing
+    assert ckpt[3].unwrapped_value().model.gradient_checkpointing
+    _assert_same_update(whole, ckpt)
+
+
+def test_lora_with_gradient_checkpointing_and_micro_batches_gives_the_same_update(world, world_rollouts):
+    """peft models: frozen embeddings, so checkpointing needs inputs that require grad; the update is unchanged."""
+    batch, scores = world_rollouts
+    lora = ("ppo.lora.enabled=true", "ppo.lora.dropout=0.0")
+    whole = _one_update(world, batch, scores, *lora)
+    ckpt = _one_update(world, batch, scores, *lora, "ppo.micro_batch_size=4", "ppo.gradient_checkpointing=true")
+    base = ckpt[3].unwrapped_policy().get_base_model()
+    assert base.model.gradient_checkpointing and base._require_grads_hooks
+    _assert_same_update(whole, ckpt)
+    # checkpointing keeps fewer activations: bytes saved for the backward of one training forward pass
+    sub = batch.select(torch.arange(8))
+
+    def saved_bytes(model) -> int:  # noqa: ANN001
+        seen: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ppo.value_predictions(model.train(), sub)
+        return sum(seen.values())
+
+    assert saved_bytes(ckpt[3].unwrapped_value()) < 0.7 * saved_bytes(whole[3].unwrapped_value())
+
+
+def test_ppo_samples_with_hf_when_vllm_cannot_take_a_quantised_policy(tiny_ckpt, capsys):
+    """generation.engine=vllm with QLoRA: PPO falls back to HF generate and says why (no vLLM start)."""
+    from accelerate import Accelerator
+
+    from iterative_rlhf.generation import HFEngine
+
+    models = ppo.load_models(tiny_recipe(), str(tiny_ckpt), str(tiny_ckpt), Accelerator(cpu=True))
+    recipe = tiny_recipe("generation.engine=vllm", "ppo.lora.enabled=true", "ppo.quant.load_in_4bit=true")
+    engine = ppo._make_engine(recipe, models, str(tiny_ckpt), seed=0)
+    assert isinstance(engine, HFEngine) and engine.model is models.unwrapped_policy()
+    out = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert "sampling with HF generate, not vLLM" in out and "quantised" in out
+
+
+def test_micro_batch_size_larger_than_the_mini_batch_is_refused():
+    from iterative_rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_recipe(None, overrides=["ppo.mini_batch_size=16", "ppo.micro_batch_size=32"])
+
+
 def test_nan_reward_raises_numerical_error_naming_the_iteration(tiny_ckpt, tmp_path):
     prompts = [{"prompt": f"Add {i} and 1.", "is_safety": False} for i in range(8)]
     with pytest.raises(NumericalError, match="iteration 1"):
