@@ -200,41 +200,58 @@ class Campaign:
         return self.base_path if self.recipe.reward.helpful.init == "policy" else self.recipe.reward.helpful.init
 
     def refresh_rms(self, k: int) -> None:
-        """New comparisons on the latest policy's samples (TinyWorld's annotators), then retrain both RMs."""
+        """New comparisons on the latest policy's samples (TinyWorld's annotators), then retrain both RMs.
+
+        ``reward.refresh_from``: ``previous`` continues training the RMs that scored
+        round k-1 on the new comparisons plus as many replayed earlier ones (drawn
+        from the world's comparisons and the earlier rounds'), for
+        ``reward.refresh_epochs``: the cost stays the same every round.
+        ``initial`` retrains from the initial checkpoint on every comparison so far,
+        as Llama 2 did with its weekly batches (the cost grows every round).
+        """
         import random
 
-        from .reward import train_reward_model
+        from .reward import rm_datasets, train_reward_model
         from .tinyworld.annotators import make_comparisons
         from .tinyworld.world import find_prompt
 
+        rw = self.recipe.reward
         out = self.dir / f"v{k}" / "rm"
         tw = self.recipe.tinyworld
         samples: dict = {}
         for row in read_jsonl(self.dir / f"v{k}" / "samples.jsonl"):
             samples.setdefault(find_prompt(row["prompt"]), []).append(row["response"])
         rng = random.Random(self.seed(k, "rm"))
-        files = {}
+        new_files, earlier = {}, {}
         for kind in ("helpful", "safety"):
-            per = tw.comparisons_per_prompt if kind == "helpful" else tw.safety_comparisons_per_prompt
+            per = rw.refresh_comparisons_per_prompt if kind == "helpful" else tw.safety_comparisons_per_prompt
             rows = make_comparisons(kind, samples, per, rng, tw.annotator_noise, tw.length_cost,
                                     source=f"tinyworld-{kind}-v{k}")
-            files[kind] = out / f"comparisons_{kind}.jsonl"
-            atomic_write_jsonl(files[kind], rows)
-        # Llama 2 retrains on all batches collected so far: the world's comparisons + each round's new ones.
+            new_files[kind] = out / f"comparisons_{kind}.jsonl"
+            atomic_write_jsonl(new_files[kind], rows)
+            earlier[kind] = [self.world.comparisons(kind, "train"),
+                             *(self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k))]
         recipe = dataclasses.replace(self.recipe)
         recipe.reward = dataclasses.replace(recipe.reward)
+        previous = self.rm_dir(k - 1)
         for kind in ("helpful", "safety"):
-            earlier = [str(self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl") for j in range(2, k)]
-            sec = dataclasses.replace(getattr(recipe.reward, kind),
-                                      data=[str(self.world.comparisons(kind, "train")), *earlier, str(files[kind])],
-                                      format="canonical",
-                                      test_data=[str(self.world.comparisons(kind, "test"))])
+            data = [*map(str, earlier[kind]), str(new_files[kind])]
+            changes: dict = {}
+            if rw.refresh_from == "previous":
+                # Replay: as many earlier comparisons as there are new ones, so the RM keeps what it knew.
+                n_new = sum(1 for _ in read_jsonl(new_files[kind]))
+                old_rows = [row for f in earlier[kind] for row in read_jsonl(f)]
+                replay = rng.sample(old_rows, min(n_new, len(old_rows)))
+                atomic_write_jsonl(out / f"replay_{kind}.jsonl", replay)
+                data = [str(out / f"replay_{kind}.jsonl"), str(new_files[kind])]
+                changes["epochs"] = rw.refresh_epochs
+            sec = dataclasses.replace(getattr(recipe.reward, kind), data=data, format="canonical",
+                                      test_data=[str(self.world.comparisons(kind, "test"))], **changes)
             setattr(recipe.reward, kind, sec)
-        from .reward import rm_datasets
-
         for kind in ("helpful", "safety"):
             train_ds, _ = rm_datasets(recipe, kind, None)
-            train_reward_model(recipe, kind, out / kind, init_path=self._rm_init(), train_ds=train_ds)
+            init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
+            train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
 
     def scorer(self, k: int, whiten=None):  # noqa: ANN001, ANN201
         from .scorer import GatedScorer

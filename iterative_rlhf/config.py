@@ -131,6 +131,13 @@ class RewardConfig:
     helpful_extra_ratio: float = opt(1.0, "Helpfulness RM data: safety comparisons added per helpfulness one.",
                                      min=0.0)
     refresh: bool = opt(False, "Retrain both RMs each round on new comparisons of the latest policy.")
+    refresh_from: Literal["previous", "initial"] = opt(
+        "previous", "Refresh: 'previous' = continue training the RMs of the round before on the new comparisons "
+        "plus as many replayed earlier ones (constant cost per round); 'initial' = retrain from the initial "
+        "checkpoint on every comparison so far (Llama 2; slower each round).")
+    refresh_comparisons_per_prompt: int = opt(8, "Refresh: new helpfulness comparisons per train prompt "
+                                              "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
+    refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)
 
 
 @dataclass
@@ -197,6 +204,9 @@ class PPOConfig:
     iterations: int = opt(12, "PPO iterations per round (Llama 2: 200-400).", min=1)
     batch_size: int = opt(64, "Prompts (rollouts) per iteration (Llama 2: 512).", min=1)
     mini_batch_size: int = opt(16, "Rollouts per gradient step (Llama 2: 64).", min=1)
+    micro_batch_size: int = opt(0, "Rollouts per forward/backward pass on each process; gradients accumulate over "
+                                "the mini-batch, so the step is the same (0 = the process's whole mini-batch in one "
+                                "pass). 7B on one GPU: bench/README.md.", min=0)
     ppo_epochs: int = opt(2, "Passes over each batch (Llama 2: 1, one step per mini-batch).", min=1)
     learning_rate: float = opt(3e-4, "Constant learning rate (Llama 2 7B: 1e-6; TinyWorld: 3e-4).", gt=0.0)
     value_learning_rate: float = opt(1e-3, "Value model learning rate.", gt=0.0)
@@ -225,6 +235,9 @@ class PPOConfig:
         "none", "none: float32 throughout; bf16: bfloat16 autocast for PPO's forward passes (sampling, reward "
         "models, reference, value, update) with float32 weights and optimiser; 3-5x faster matrix products on GPUs "
         "and on CPUs with AVX512-BF16 or AMX.")
+    gradient_checkpointing: bool = opt(False, "Recompute each decoder layer's activations in the backward pass "
+                                       "(policy and value model; non-reentrant): ~1/13 of the saved activations at "
+                                       "7B for about one more forward pass per update.")
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 
@@ -364,6 +377,8 @@ def _validate(recipe: Recipe) -> Recipe:
         raise ConfigError("ppo.mini_batch_size: larger than ppo.batch_size")
     if recipe.ppo.batch_size % recipe.ppo.mini_batch_size:
         raise ConfigError("ppo.batch_size: must be a multiple of ppo.mini_batch_size")
+    if recipe.ppo.micro_batch_size > recipe.ppo.mini_batch_size:
+        raise ConfigError("ppo.micro_batch_size: larger than ppo.mini_batch_size (0 = the whole mini-batch)")
     if not recipe.rs.temperatures or any(t <= 0 for t in recipe.rs.temperatures):
         raise ConfigError("rs.temperatures: give one positive temperature per round (the last repeats)")
     if recipe.rs.top_k > recipe.rs.n:

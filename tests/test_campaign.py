@@ -33,7 +33,7 @@ def small_args(world_config) -> list[str]:  # noqa: ANN001
         "reward.helpful.max_length=64", "reward.safety.max_length=64",
         "rs.n=4", "rs.prompts=48", "campaign.eval_samples=1",
         "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.save_every=1", "ppo.eval_every=1",
-        "sft.epochs=1",
+        "sft.epochs=1", "reward.refresh=true", "reward.refresh_comparisons_per_prompt=4",
     ]
     out = []
     for item in tw + rest:
@@ -115,6 +115,16 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     stages = json.loads((d / "manifest.json").read_text())["stages"]
     assert all(len(h) == 64 for s in stages.values() for h in s["outputs"].values())
     assert "nan" not in (d / "report.md").read_text().lower().split()
+    # RM refresh (round 2): new comparisons of v1's policy's samples plus as many replayed earlier ones,
+    # training continued from the initial RMs; round 2 is scored by the refreshed RMs.
+    assert "v2/rm" in stages and "v1/rm" not in stages
+    for kind in ("helpful", "safety"):
+        new = (d / "v2" / "rm" / f"comparisons_{kind}.jsonl").read_text().splitlines()
+        replay = (d / "v2" / "rm" / f"replay_{kind}.jsonl").read_text().splitlines()
+        assert len(new) > 0 and len(replay) == len(new)
+        assert all(json.loads(x)["source"] == f"tinyworld-{kind}-v2" for x in new)
+        summary = json.loads((d / "v2" / "rm" / kind / "train_summary.json").read_text())
+        assert summary["init"].endswith(f"rm/{kind}")
 
 
 def test_rerun_does_not_recompute(reference_run, world_config):

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Rerun the default campaign and every ablation in results/, one after the other, and export their reports.
+# usage: scripts/regenerate_results.sh [NAME ...]   (no NAME = all; run directories go to runs/NAME)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+declare -A RUNS=(
+  [tinyworld-rs+ppo]=""
+  [ablation-mode-rs]="--mode rs"
+  [ablation-mode-ppo]="--mode ppo"
+  [ablation-scorer-helpful]="--set scorer.kind=helpful"
+  [ablation-scorer-safety]="--set scorer.kind=safety"
+  [ablation-pool-previous]="--set rs.pool=previous"
+  [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
+  [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
+  [ablation-no-refresh]="--set reward.refresh=false"
+)
+ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
+       ablation-pool-previous ablation-margin-none ablation-margin-large ablation-no-refresh)
+names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
+for name in "${names[@]}"; do
+  [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
+  args=${RUNS[$name]}
+  # shellcheck disable=SC2086
+  "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args
+  scripts/export_run.sh "runs/$name" "$name" "iterative-rlhf round --n 5 --out runs/$name${args:+ $args}"
+done
