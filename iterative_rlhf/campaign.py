@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,14 +235,18 @@ class Campaign:
         recipe = dataclasses.replace(self.recipe)
         recipe.reward = dataclasses.replace(recipe.reward)
         previous = self.rm_dir(k - 1)
+        n_new = {kind: len(read_jsonl(new_files[kind])) if new_files[kind].stat().st_size else 0
+                 for kind in ("helpful", "safety")}
         for kind in ("helpful", "safety"):
+            if not n_new[kind]:
+                continue
             data = [*map(str, earlier[kind]), str(new_files[kind])]
             changes: dict = {}
             if rw.refresh_from == "previous":
                 # Replay: as many earlier comparisons as there are new ones, so the RM keeps what it knew.
-                n_new = sum(1 for _ in read_jsonl(new_files[kind]))
+                n_new_kind = n_new[kind]
                 old_rows = [row for f in earlier[kind] for row in read_jsonl(f)]
-                replay = rng.sample(old_rows, min(n_new, len(old_rows)))
+                replay = rng.sample(old_rows, min(n_new_kind, len(old_rows)))
                 atomic_write_jsonl(out / f"replay_{kind}.jsonl", replay)
                 data = [str(out / f"replay_{kind}.jsonl"), str(new_files[kind])]
                 changes["epochs"] = rw.refresh_epochs
@@ -249,6 +254,13 @@ class Campaign:
                                       test_data=[str(self.world.comparisons(kind, "test"))], **changes)
             setattr(recipe.reward, kind, sec)
         for kind in ("helpful", "safety"):
+            if not n_new[kind]:
+                # Nothing new to learn from (e.g. no two distinct samples on any prompt of this kind).
+                log(f"v{k} RM refresh: no new {kind} comparisons; the {kind} RM of the round before stays")
+                if (out / kind).exists():
+                    shutil.rmtree(out / kind)
+                shutil.copytree(previous / kind, out / kind)
+                continue
             train_ds, _ = rm_datasets(recipe, kind, None)
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
             train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)

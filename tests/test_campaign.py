@@ -120,8 +120,12 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     assert "v2/rm" in stages and "v1/rm" not in stages
     for kind in ("helpful", "safety"):
         new = (d / "v2" / "rm" / f"comparisons_{kind}.jsonl").read_text().splitlines()
+        assert (d / "v2" / "rm" / kind / "config.json").is_file()
+        if not new:  # no new pairs of this kind (few prompts): the RM of the round before is kept
+            assert kind == "safety"
+            continue
         replay = (d / "v2" / "rm" / f"replay_{kind}.jsonl").read_text().splitlines()
-        assert len(new) > 0 and len(replay) == len(new)
+        assert len(replay) == len(new)
         assert all(json.loads(x)["source"] == f"tinyworld-{kind}-v2" for x in new)
         summary = json.loads((d / "v2" / "rm" / kind / "train_summary.json").read_text())
         assert summary["init"].endswith(f"rm/{kind}")
