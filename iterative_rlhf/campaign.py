@@ -134,6 +134,9 @@ class Campaign:
             self.base_path = r.model.policy
             train = read_prompts(r.campaign.prompts)
             self.eval_prompts = read_prompts(r.campaign.eval_prompts)
+        if r.reward.refresh and self.world is None:
+            log("reward.refresh: ignored; it needs TinyWorld's annotators (refresh a real campaign's RMs with new "
+                "preference files in reward.<kind>.data)")
         # 1 in 8 train prompts (by hash) is held out for PPO's early stopping.
         held = [p for p in train if int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0]
         self.holdout_prompts = held
@@ -409,10 +412,17 @@ class Campaign:
             whiten = WhitenStats(w["mean"], w["std"])
         rm = self.rm_dir(k)
         # launched: `ppo --round k` runs this same method in each process (the same start, RMs and whitening)
+        eval_metrics = None
+        if self.world is not None:
+            from .tinyworld.world import metrics
+
+            def eval_metrics(rows: list[dict], responses: list[str]) -> dict:
+                # The gold judge on the held-out prompts at each PPO evaluation: proxy vs gold per iteration.
+                return metrics((r["prompt"], x) for r, x in zip(rows, responses, strict=True))
         if not self.launched(["ppo", "--round", str(k), "--out", str(self.dir)], f"v{k}/ppo"):
             run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
                     out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts,
-                    whiten=whiten, seed=self.seed(k, "ppo"))
+                    whiten=whiten, seed=self.seed(k, "ppo"), eval_metrics=eval_metrics)
         history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
         trained = [row for row in history if "reward" in row]  # iteration 0 is the evaluation before training
         atomic_write_json(d / "ppo.json", {"iterations": len(trained), "history": history,

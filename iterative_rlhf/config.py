@@ -88,7 +88,7 @@ class TinyWorldConfig:
     train_steps: int = opt(1500, "Optimiser steps of the base policy pre-training.", min=1)
     train_batch_size: int = opt(64, "Batch size of the base policy pre-training.", min=1)
     learning_rate: float = opt(3e-3, "Peak learning rate of the base policy pre-training.", gt=0.0)
-    comparisons_per_prompt: int = opt(8, "Helpfulness comparisons per prompt.", min=1)
+    comparisons_per_prompt: int = opt(32, "Helpfulness comparisons per prompt.", min=1)
     safety_comparisons_per_prompt: int = opt(24, "Safety comparisons per harmful or borderline prompt.", min=1)
     samples_per_prompt: int = opt(4, "Base-policy samples per prompt and temperature (0.7, 1.0, 1.3) that "
                                   "the annotators compare, plus as many from the writer.", min=1)
@@ -128,14 +128,18 @@ class RewardConfig:
     safety: RewardModelConfig = sub(RewardModelConfig)
     safety_fraction: float = opt(0.9, "Safety RM data: share of safety comparisons (rest helpfulness).",
                                  gt=0.0, max=1.0)
-    helpful_extra_ratio: float = opt(1.0, "Helpfulness RM data: safety comparisons added per helpfulness one.",
+    helpful_extra_ratio: float = opt(0.0, "Helpfulness RM data: safety comparisons added per helpfulness one "
+                                     "(Llama 2 and the 7B recipes: 1.0; TinyWorld: 0, its helpfulness annotators "
+                                     "also label harmful prompts and prefer compliance there, the opposite of the "
+                                     "safety data: results/rm/README.md).",
                                      min=0.0)
-    refresh: bool = opt(False, "Retrain both RMs each round on new comparisons of the latest policy.")
+    refresh: bool = opt(True, "Retrain both RMs each round on new comparisons of the latest policy's samples "
+                        "(TinyWorld's annotators; ignored without TinyWorld).")
     refresh_from: Literal["previous", "initial"] = opt(
         "previous", "Refresh: 'previous' = continue training the RMs of the round before on the new comparisons "
         "plus as many replayed earlier ones (constant cost per round); 'initial' = retrain from the initial "
         "checkpoint on every comparison so far (Llama 2; slower each round).")
-    refresh_comparisons_per_prompt: int = opt(8, "Refresh: new helpfulness comparisons per train prompt "
+    refresh_comparisons_per_prompt: int = opt(16, "Refresh: new helpfulness comparisons per train prompt "
                                               "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
     refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)
 
@@ -189,7 +193,8 @@ class SFTConfig:
     init: Literal["base", "previous"] = opt("base", "Start each round from the base checkpoint (Llama 2) or "
                                             "from the previous round's policy.")
     learning_rate: float = opt(1e-3, "Learning rate (cosine schedule).", gt=0.0)
-    epochs: float = opt(3.0, "Epochs over the selected samples.", gt=0.0)
+    epochs: float = opt(8.0, "Epochs over the selected samples (TinyWorld: 8; fewer leave the policy far "
+                        "from the selected samples' quality).", gt=0.0)
     batch_size: int = opt(16, "Examples per optimiser step.", min=1)
     per_device_batch_size: int = opt(16, "Examples per forward pass per device.", min=1)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
@@ -249,8 +254,9 @@ class CampaignConfig:
     rounds: int = opt(5, "Number of rounds (V1..Vn).", min=1)
     mode: Literal["rs", "ppo", "rs+ppo"] = opt("rs+ppo", "rs = rejection sampling + SFT; ppo = PPO only; "
                                                "rs+ppo = PPO on top of each RS checkpoint.")
-    ppo_from_round: int = opt(1, "First round that runs PPO in mode rs+ppo (Llama 2: after V4).", min=1)
-    eval_samples: int = opt(2, "Samples per eval prompt in the reports.", min=1)
+    ppo_from_round: int = opt(5, "First round that runs PPO in mode rs+ppo (Llama 2: RS only until V4, "
+                              "then PPO on top of each RS checkpoint).", min=1)
+    eval_samples: int = opt(4, "Samples per eval prompt in the reports.", min=1)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")

@@ -692,11 +692,13 @@ def _ppo_section(rounds: Sequence[dict]) -> _Section:
         if len(hist) > _MAX_PPO_ROWS:
             idx = sorted({round(i * (len(hist) - 1) / (_MAX_PPO_ROWS - 1)) for i in range(_MAX_PPO_ROWS)})
             shown = [hist[i] for i in idx]
+        gold = any(h.get("eval_gold") is not None for h in shown)  # TinyWorld: gold judge on held-out prompts
         rows = [[str(h["iteration"]), _fmt(_num(h.get("reward"))), _fmt(_num(h.get("kl"))),
-                 _fmt(_num(h.get("eval_reward")))] for h in shown]
+                 _fmt(_num(h.get("eval_reward")))] + ([_fmt(_num(h.get("eval_gold")))] if gold else [])
+                for h in shown]
         note = f" ({len(shown)} of {len(hist)} iterations)" if len(shown) < len(hist) else ""
-        blocks.append(_Details(f"{_name(r)}: PPO per iteration{note}",
-                               [_Table(["iteration", "reward", "KL", "held-out reward"], rows)]))
+        head = ["iteration", "reward", "KL", "held-out reward"] + (["held-out gold"] if gold else [])
+        blocks.append(_Details(f"{_name(r)}: PPO per iteration{note}", [_Table(head, rows)]))
     return _Section("PPO", blocks)
 
 

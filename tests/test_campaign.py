@@ -34,6 +34,7 @@ def small_args(world_config) -> list[str]:  # noqa: ANN001
         "rs.n=4", "rs.prompts=48", "campaign.eval_samples=1",
         "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.save_every=1", "ppo.eval_every=1",
         "sft.epochs=1", "reward.refresh=true", "reward.refresh_comparisons_per_prompt=4",
+        "campaign.ppo_from_round=1",
     ]
     out = []
     for item in tw + rest:

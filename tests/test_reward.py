@@ -143,7 +143,8 @@ def test_train_with_lora_saves_a_merged_standalone_checkpoint(tiny, tmp_path):
 def test_rm_datasets_mix_and_margins(world):
     from iterative_rlhf.reward import rm_datasets, rm_test_sets
 
-    recipe = load_recipe(None, overrides=["reward.helpful.margin=large", "reward.safety.margin=none"])
+    recipe = load_recipe(None, overrides=["reward.helpful.margin=large", "reward.safety.margin=none",
+                                          "reward.helpful_extra_ratio=1.0"])  # Llama 2's mix
     h_train, h_test = rm_datasets(recipe, "helpful", world)
     s_train, s_test = rm_datasets(recipe, "safety", world)
     n_help = sum(1 for _ in open(world.comparisons("helpful", "train")))
@@ -161,6 +162,9 @@ def test_rm_datasets_mix_and_margins(world):
     assert set(h_test["source"]) == {"tinyworld-helpful"} and set(s_test["source"]) == {"tinyworld-safety"}
     assert {k: len(v) for k, v in rm_test_sets(recipe, world).items()} == {"helpful": len(h_test),
                                                                             "safety": len(s_test)}
+    # TinyWorld's default: the helpfulness RM on its own data alone (results/rm/README.md says why).
+    alone, _ = rm_datasets(load_recipe(None), "helpful", world)
+    assert len(alone) == n_help and set(alone["source"]) == {"tinyworld-helpful"}
 
 
 @pytest.mark.slow

@@ -327,7 +327,7 @@ def test_campaign_launches_rm_sft_and_ppo_through_accelerate_in_two_processes(wo
                   for x in ("epochs=0.1", "batch_size=16", "per_device_batch_size=8", "max_length=64")),
                 "rs.n=2", "rs.prompts=32", "campaign.eval_samples=1", "sft.epochs=1", "sft.batch_size=8",
                 "sft.per_device_batch_size=4", "ppo.iterations=1", "ppo.batch_size=16", "ppo.mini_batch_size=8",
-                "ppo.eval_every=1"]
+                "ppo.eval_every=1", "campaign.ppo_from_round=1"]
     env = {**launch_env(), "ITERATIVE_RLHF_NO_PROGRESS": "1"}
     env.pop("ITERATIVE_RLHF_LAUNCHED")  # the campaign itself runs in one process and launches its stages
     proc = subprocess.run([sys.executable, "-m", "iterative_rlhf.cli", "round", "--n", "1", "--out", str(out),
