@@ -51,7 +51,7 @@ _CONSOLE_KEYS: tuple[str, ...] = ("name", "gated_mean", "helpful_mean", "safety_
                                   "false_refusal_rate", "kl_to_base", "win_rate_vs_previous")
 #: preference levels of rm_eval.json, strongest first (= rlmath.LEVELS; not imported: rlmath pulls in torch).
 _LEVELS: tuple[str, ...] = ("significantly_better", "better", "slightly_better", "negligibly_better")
-_STAGES: tuple[str, ...] = ("rs_sample", "rs_select", "sft", "ppo", "eval")
+_STAGES: tuple[str, ...] = ("rm", "rs_sample", "rs_select", "sft", "ppo", "eval")
 _ROUND_DIR = re.compile(r"^v(\d+)$")
 _MAX_TEXT = 240  # characters of a prompt/response shown in the sample tables
 _MAX_PPO_ROWS = 16  # iterations shown per round in the PPO tables (evenly spaced, first and last kept)
@@ -109,10 +109,28 @@ def load_rounds(run_dir: str | os.PathLike) -> list[dict]:
                 k = int(m.group(1))
                 rep["round"] = k
             rep.setdefault("name", f"v{k}")
+            _add_rm_time(run_dir, k, rep)
             found.append((k, rep))
     if not found:
         raise UserError(f"{run_dir}: no round reports (vK/report.json); run `iterative-rlhf round` first")
     return [rep for _, rep in sorted(found, key=lambda x: x[0])]
+
+
+def _add_rm_time(run_dir: Path, k: int, rep: dict) -> None:
+    """``times.rm``: reward-model training seconds of round k (v0: the initial RMs; vK: the refresh)."""
+    times = rep.get("times")
+    if isinstance(times, dict) and "rm" in times:
+        return
+    folder = run_dir / "rm" if k == 0 else run_dir / f"v{k}" / "rm"
+    seconds = []
+    for kind in ("helpful", "safety"):
+        path = folder / kind / "train_summary.json"
+        if path.is_file():
+            value = _read_json(path).get("train_seconds") if isinstance(_read_json(path), dict) else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                seconds.append(float(value))
+    if seconds:
+        rep["times"] = {"rm": sum(seconds), **(times if isinstance(times, dict) else {})}
 
 
 def _read_config(run_dir: Path) -> dict:

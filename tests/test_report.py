@@ -201,3 +201,18 @@ def test_long_ppo_history_is_shortened() -> None:
     assert details.summary == "v3: PPO per iteration (16 of 41 iterations)"
     shown = [row[0] for row in details.blocks[0].rows]
     assert len(shown) == 16 and shown[0] == "0" and shown[-1] == "40"
+
+
+def test_reward_model_training_time_per_round_comes_from_the_training_summaries(tmp_path):
+    run = make_run(tmp_path, "run", _rounds())
+    for folder, seconds in (("rm/helpful", 30.0), ("rm/safety", 5.5), ("v2/rm/helpful", 12.0)):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "train_summary.json").write_text(json.dumps({"train_seconds": seconds}))
+    rounds = load_rounds(run)
+    assert rounds[0]["times"]["rm"] == 35.5  # v0: the initial RMs
+    assert "rm" not in rounds[1]["times"]  # no refresh in v1
+    assert rounds[2]["times"]["rm"] == 12.0  # v2: the refreshed helpfulness RM
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "| round | rm | rs_sample | rs_select | sft | ppo | eval | total |" in text
+    assert "| v0 | 35.5 |" in text
