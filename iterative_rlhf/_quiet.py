@@ -1,4 +1,7 @@
-"""Quiet the libraries' own progress bars and log spam (console.py owns console output), and keep small models on one CPU thread."""
+"""Quiet the libraries' own progress bars and log spam (console.py owns console output).
+
+Also keeps small models on one CPU thread (:func:`cpu_threads`, :func:`small_model_threads`).
+"""
 
 from __future__ import annotations
 

@@ -10,14 +10,14 @@ declare -A RUNS=(
   [ablation-mode-ppo]="--mode ppo"
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
   [ablation-scorer-safety]="--set scorer.kind=safety"
-  [ablation-pool-previous]="--set rs.pool=previous"
+  [ablation-pool-all]="--set rs.pool=all"
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
   [ablation-no-refresh]="--set reward.refresh=false"
   [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
 )
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
-       ablation-pool-previous ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4)
+       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
