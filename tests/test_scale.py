@@ -85,7 +85,7 @@ def test_reward_model_training_in_two_processes_matches_one_process(rm_runs):
     s1 = json.loads((one / "train_summary.json").read_text())
     s2 = json.loads((two / "train_summary.json").read_text())
     assert (s1["processes"], s2["processes"]) == (1, 2)
-    assert s1["batch_size"] == s2["batch_size"] == 16 and s1["steps"] == s2["steps"] >= 8
+    assert s1["batch_size"] == s2["batch_size"] == 16 and s1["steps"] == s2["steps"] >= 5
     l1 = [r["loss"] for r in read_jsonl(one / "train_log.jsonl") if "loss" in r]
     l2 = [r["loss"] for r in read_jsonl(two / "train_log.jsonl") if "loss" in r]
     assert len(l1) == len(l2) == s1["steps"]
