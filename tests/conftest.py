@@ -40,3 +40,15 @@ def world():
     from iterative_rlhf.tinyworld.build import build_world
 
     return build_world(small_world_config())
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, even when OMP_NUM_THREADS asked for more: on 2 shared cores, OpenMP
+    spin-waits of a second thread slow these small models down."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

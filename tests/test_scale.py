@@ -30,12 +30,7 @@ TWO_CPU = REPO / "tests" / "fixtures" / "accelerate" / "cpu2.yaml"
 PPO_STEP = REPO / "tests" / "fixtures" / "ppo_update_step.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def world_overrides(world_config) -> list[str]:  # noqa: ANN001
