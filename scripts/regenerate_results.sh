@@ -2,6 +2,7 @@
 # Rerun the default campaign and every ablation in results/, one after the other, and export their reports.
 # usage: scripts/regenerate_results.sh [NAME ...]   (no NAME = all; run directories go to runs/NAME)
 set -euo pipefail
+set -f  # no globbing: arguments such as rs.temperatures=[1.0,0.9] stay as written
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 declare -A RUNS=(
@@ -15,9 +16,12 @@ declare -A RUNS=(
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
   [ablation-no-refresh]="--set reward.refresh=false"
   [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
+  [ablation-rs-n16]="--set rs.n=16"
+  [ablation-rs-temp]="--set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
 )
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
-       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4)
+       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4
+       ablation-rs-n16 ablation-rs-temp)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
