@@ -226,20 +226,19 @@ class Campaign:
         for row in read_jsonl(self.dir / f"v{k}" / "samples.jsonl"):
             samples.setdefault(find_prompt(row["prompt"]), []).append(row["response"])
         rng = random.Random(self.seed(k, "rm"))
-        new_files, earlier = {}, {}
+        new_files, earlier, n_new = {}, {}, {}
         for kind in ("helpful", "safety"):
             per = rw.refresh_comparisons_per_prompt if kind == "helpful" else tw.safety_comparisons_per_prompt
             rows = make_comparisons(kind, samples, per, rng, tw.annotator_noise, tw.length_cost,
                                     source=f"tinyworld-{kind}-v{k}")
             new_files[kind] = out / f"comparisons_{kind}.jsonl"
             atomic_write_jsonl(new_files[kind], rows)
+            n_new[kind] = len(rows)
             earlier[kind] = [self.world.comparisons(kind, "train"),
                              *(self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k))]
         recipe = dataclasses.replace(self.recipe)
         recipe.reward = dataclasses.replace(recipe.reward)
         previous = self.rm_dir(k - 1)
-        n_new = {kind: len(read_jsonl(new_files[kind])) if new_files[kind].stat().st_size else 0
-                 for kind in ("helpful", "safety")}
         for kind in ("helpful", "safety"):
             if not n_new[kind]:
                 continue
@@ -247,9 +246,8 @@ class Campaign:
             changes: dict = {}
             if rw.refresh_from == "previous":
                 # Replay: as many earlier comparisons as there are new ones, so the RM keeps what it knew.
-                n_new_kind = n_new[kind]
                 old_rows = [row for f in earlier[kind] for row in read_jsonl(f)]
-                replay = rng.sample(old_rows, min(n_new_kind, len(old_rows)))
+                replay = rng.sample(old_rows, min(n_new[kind], len(old_rows)))
                 atomic_write_jsonl(out / f"replay_{kind}.jsonl", replay)
                 data = [str(out / f"replay_{kind}.jsonl"), str(new_files[kind])]
                 changes["epochs"] = rw.refresh_epochs
@@ -411,7 +409,6 @@ class Campaign:
             w = json.loads((d / "rs.json").read_text())["whiten"]
             whiten = WhitenStats(w["mean"], w["std"])
         rm = self.rm_dir(k)
-        # launched: `ppo --round k` runs this same method in each process (the same start, RMs and whitening)
         eval_metrics = None
         if self.world is not None:
             from .tinyworld.world import metrics
@@ -419,6 +416,7 @@ class Campaign:
             def eval_metrics(rows: list[dict], responses: list[str]) -> dict:
                 # The gold judge on the held-out prompts at each PPO evaluation: proxy vs gold per iteration.
                 return metrics((r["prompt"], x) for r, x in zip(rows, responses, strict=True))
+        # launched: `ppo --round k` runs this same method in each process (the same start, RMs and whitening)
         if not self.launched(["ppo", "--round", str(k), "--out", str(self.dir)], f"v{k}/ppo"):
             run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
                     out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts,

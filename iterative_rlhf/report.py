@@ -126,7 +126,8 @@ def _add_rm_time(run_dir: Path, k: int, rep: dict) -> None:
     for kind in ("helpful", "safety"):
         path = folder / kind / "train_summary.json"
         if path.is_file():
-            value = _read_json(path).get("train_seconds") if isinstance(_read_json(path), dict) else None
+            summary = _read_json(path)
+            value = summary.get("train_seconds") if isinstance(summary, dict) else None
             if isinstance(value, (int, float)) and math.isfinite(value):
                 seconds.append(float(value))
     if seconds:

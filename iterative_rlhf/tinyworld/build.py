@@ -111,7 +111,7 @@ def build_world(cfg: TinyWorldConfig, force: bool = False) -> WorldPaths:
 
     if "policy" not in done:
         store = policy_store(cfg)
-        if not (store / "config.json").exists():
+        if force or not (store / "config.json").exists():  # --force trains the shared policy again too
             from .policy import train_policy
 
             log(f"TinyWorld: training the base policy ({cfg.train_steps} steps) -> {store}")
