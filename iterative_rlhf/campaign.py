@@ -9,6 +9,8 @@ The run directory is self-describing and resumable at stage boundaries:
     DIR/vK/samples.jsonl     N samples per train prompt from the policy of round K-1, scored
     DIR/vK/selected.jsonl    the best samples (the pool of earlier rounds competing)
     DIR/vK/rs_policy/        SFT on the selected samples (from the base, as Llama 2)
+    DIR/vK/rm/               refreshed RMs (reward.refresh): comparisons of the round's samples
+    DIR/vK/ppo_rm/           RMs refreshed again on the RS checkpoint's samples, for PPO
     DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
     DIR/vK/eval.json         the round's policy on the eval prompts
     DIR/vK/report.json       the round's report
@@ -41,7 +43,7 @@ from .console import log
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
-STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6}
+STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7}
 
 
 class Manifest:
@@ -137,9 +139,16 @@ class Campaign:
         if r.reward.refresh and self.world is None:
             log("reward.refresh: ignored; it needs TinyWorld's annotators (refresh a real campaign's RMs with new "
                 "preference files in reward.<kind>.data)")
-        # 1 in 8 train prompts (by hash) is held out for PPO's early stopping.
-        held = [p for p in train if int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0]
-        self.holdout_prompts = held
+        # 1 in 8 train prompts (by hash) is held out for PPO's early stopping: neither rejection sampling nor
+        # PPO trains on them, so their reward measures what the policy generalises to, not what it memorised.
+        def held_out(p: dict) -> bool:
+            return int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0
+
+        self.holdout_prompts = [p for p in train if held_out(p)]
+        if len(self.holdout_prompts) < len(train):
+            train = [p for p in train if not held_out(p)]
+        else:  # every prompt hashes into the held-out set (tiny prompt files): train on them all
+            log("campaign: every train prompt falls in the held-out set; PPO's early stopping will see trained prompts")
         self.train_prompts = train
         if r.rs.prompts:
             self.train_prompts = train[: r.rs.prompts]
@@ -172,13 +181,28 @@ class Campaign:
 
     # ------------------------------------------------------------------ reward models
 
+    def _refreshed(self, k: int) -> list[Path]:
+        """Round k's refreshed RM folders in the order they were made (rm, then ppo_rm)."""
+        d = self.dir / f"v{k}"
+        return [p for p in (d / "rm", d / "ppo_rm") if (p / "helpful").exists() and (p / "safety").exists()]
+
     def rm_dir(self, k: int) -> Path:
-        """The RMs that score round k: refreshed ones when the recipe asks, else the initial ones."""
+        """The latest RMs as of round k: refreshed ones when the recipe asks, else the initial ones.
+
+        While round k selects its samples that is ``vK/rm``; once ``vK/ppo_rm``
+        exists (PPO's refresh), PPO, the evaluation and round k+1 use it.
+        """
         if self.recipe.reward.refresh:
             for j in range(k, 0, -1):
-                if (self.dir / f"v{j}" / "rm").exists() and j > 1:
-                    return self.dir / f"v{j}" / "rm"
+                found = self._refreshed(j)
+                if found:
+                    return found[-1]
         return self.dir / "rm"
+
+    def refreshes_before_ppo(self, k: int) -> bool:
+        rw = self.recipe.reward
+        return rw.refresh and rw.refresh_before_ppo and self.world is not None and self.runs_rs(k) \
+            and self.runs_ppo(k)
 
     def train_rms(self) -> None:
         from .reward import evaluate_reward_models, rm_datasets, rm_test_sets, train_reward_model
@@ -203,7 +227,14 @@ class Campaign:
     def _rm_init(self) -> str:
         return self.base_path if self.recipe.reward.helpful.init == "policy" else self.recipe.reward.helpful.init
 
-    def refresh_rms(self, k: int) -> None:
+    def ppo_refresh(self, k: int) -> None:
+        """Sample the RS checkpoint of round k on the train prompts and refresh the RMs on those comparisons."""
+        d = self.dir / f"v{k}"
+        self.rs_sample(k, str(d / "rs_policy"), out=d / "ppo_rm" / "samples.jsonl", stage="ppo_rm")
+        self.refresh_rms(k, samples_file=d / "ppo_rm" / "samples.jsonl", out=d / "ppo_rm", stage="ppo_rm")
+
+    def refresh_rms(self, k: int, samples_file: Path | None = None, out: Path | None = None,
+                    stage: str = "rm") -> None:
         """New comparisons on the latest policy's samples (TinyWorld's annotators), then retrain both RMs.
 
         ``reward.refresh_from``: ``previous`` continues training the RMs that scored
@@ -220,25 +251,30 @@ class Campaign:
         from .tinyworld.world import find_prompt
 
         rw = self.recipe.reward
-        out = self.dir / f"v{k}" / "rm"
+        out = out or self.dir / f"v{k}" / "rm"
         tw = self.recipe.tinyworld
         samples: dict = {}
-        for row in read_jsonl(self.dir / f"v{k}" / "samples.jsonl"):
+        for row in read_jsonl(samples_file or self.dir / f"v{k}" / "samples.jsonl"):
             samples.setdefault(find_prompt(row["prompt"]), []).append(row["response"])
-        rng = random.Random(self.seed(k, "rm"))
+        rng = random.Random(self.seed(k, stage))
+        # The RMs this refresh continues from: the round's own refresh for PPO's, else the latest of round k-1
+        # (never a half-finished earlier attempt of this same refresh).
+        own = [p for p in self._refreshed(k) if p.name == "rm"] if stage == "ppo_rm" else []
+        previous = own[0] if own else self.rm_dir(k - 1)
+        tag = f"v{k}" if stage == "rm" else f"v{k}-ppo"
         new_files, earlier, n_new = {}, {}, {}
         for kind in ("helpful", "safety"):
             per = rw.refresh_comparisons_per_prompt if kind == "helpful" else tw.safety_comparisons_per_prompt
             rows = make_comparisons(kind, samples, per, rng, tw.annotator_noise, tw.length_cost,
-                                    source=f"tinyworld-{kind}-v{k}")
+                                    source=f"tinyworld-{kind}-{tag}")
             new_files[kind] = out / f"comparisons_{kind}.jsonl"
             atomic_write_jsonl(new_files[kind], rows)
             n_new[kind] = len(rows)
-            earlier[kind] = [self.world.comparisons(kind, "train"),
-                             *(self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k))]
+            made = [f / f"comparisons_{kind}.jsonl" for j in range(1, k + 1)
+                    for f in (self.dir / f"v{j}" / "rm", self.dir / f"v{j}" / "ppo_rm") if f != out]
+            earlier[kind] = [self.world.comparisons(kind, "train"), *(f for f in made if f.is_file())]
         recipe = dataclasses.replace(self.recipe)
         recipe.reward = dataclasses.replace(recipe.reward)
-        previous = self.rm_dir(k - 1)
         for kind in ("helpful", "safety"):
             if not n_new[kind]:
                 continue
@@ -257,7 +293,7 @@ class Campaign:
         for kind in ("helpful", "safety"):
             if not n_new[kind]:
                 # Nothing new to learn from (e.g. no two distinct samples on any prompt of this kind).
-                log(f"v{k} RM refresh: no new {kind} comparisons; the {kind} RM of the round before stays")
+                log(f"v{k} RM refresh ({stage}): no new {kind} comparisons; the {kind} RM before stays")
                 if (out / kind).exists():
                     shutil.rmtree(out / kind)
                 shutil.copytree(previous / kind, out / kind)
@@ -304,27 +340,33 @@ class Campaign:
             self.stage(f"v{k}/sft", [d / "rs_policy"], lambda: self.sft(k))
         if self.runs_ppo(k):
             ppo_start = str(d / "rs_policy") if self.runs_rs(k) else start
+            if self.refreshes_before_ppo(k):
+                self.stage(f"v{k}/ppo_rm", [d / "ppo_rm" / "helpful", d / "ppo_rm" / "safety"],
+                           lambda: self.ppo_refresh(k))
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
         self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
         self.stage(f"v{k}/report", [d / "report.json"], lambda: self.round_report(k))
 
-    def rs_sample(self, k: int, policy: str) -> None:
+    def rs_sample(self, k: int, policy: str, out: Path | None = None, stage: str = "rs_sample") -> None:
         from .generation import fit_prompts, make_engine
 
         r = self.recipe
         t = time.time()
-        engine = make_engine(policy, r.generation, seed=self.seed(k, "rs_sample"),
+        engine = make_engine(policy, r.generation, seed=self.seed(k, stage),
                              trust_remote_code=r.model.trust_remote_code)
         try:
             texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in self.train_prompts],
                                 r.model.max_prompt_length, f"v{k} rejection sampling")
             res = engine.generate(texts, r.rs.n, r.temperature_for(k), r.generation.max_new_tokens,
-                                  self.seed(k, "rs_sample"))
+                                  self.seed(k, stage))
         finally:
             engine.close()
         rows = [{"prompt": p["prompt"], "is_safety": bool(p.get("is_safety", False)), "sample": j,
                  "response": c.text, "num_tokens": len(c.token_ids)}
                 for p, comps in zip(self.train_prompts, res, strict=True) for j, c in enumerate(comps)]
+        if out is not None:
+            atomic_write_jsonl(out, rows)
+            return
         atomic_write_jsonl(self.dir / f"v{k}" / "samples.jsonl", rows)
         atomic_write_json(self.dir / f"v{k}" / "rs_sample.time.json", {"seconds": time.time() - t})
 
@@ -404,8 +446,8 @@ class Campaign:
 
         t = time.time()
         d = self.dir / f"v{k}"
-        whiten = None
-        if (d / "rs.json").exists():
+        whiten = None  # refreshed RMs (ppo_rm): PPO fits its whitening on the start policy's samples itself
+        if (d / "rs.json").exists() and not self.refreshes_before_ppo(k):
             w = json.loads((d / "rs.json").read_text())["whiten"]
             whiten = WhitenStats(w["mean"], w["std"])
         rm = self.rm_dir(k)

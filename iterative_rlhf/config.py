@@ -142,6 +142,10 @@ class RewardConfig:
     refresh_comparisons_per_prompt: int = opt(16, "Refresh: new helpfulness comparisons per train prompt "
                                               "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
     refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)
+    refresh_before_ppo: bool = opt(True, "Refresh: in rounds where PPO follows rejection sampling, also sample the "
+                                   "RS checkpoint and refresh both RMs on those comparisons before PPO, so that "
+                                   "PPO's reward is trained where PPO starts (TinyWorld: without it PPO at V5 lost "
+                                   "0.04 eval gold).")
 
 
 @dataclass
@@ -233,6 +237,8 @@ class PPOConfig:
     value_init: Literal["reward", "policy"] = opt("reward", "Value model initial weights: the helpfulness RM "
                                                   "or the policy with a fresh scalar head.")
     eval_every: int = opt(4, "Evaluate held-out prompts' reward every k iterations (early stopping).", min=1)
+    eval_samples: int = opt(4, "Samples per held-out prompt at each evaluation (more = a steadier early-stopping "
+                            "signal).", min=1)
     early_stopping_patience: int = opt(3, "Stop after this many evaluations without improvement (0 = never).",
                                        min=0)
     save_every: int = opt(5, "Save a resumable PPO state every k iterations.", min=1)
@@ -259,7 +265,7 @@ class CampaignConfig:
                                                "rs+ppo = PPO on top of each RS checkpoint.")
     ppo_from_round: int = opt(5, "First round that runs PPO in mode rs+ppo (Llama 2: RS only until V4, "
                               "then PPO on top of each RS checkpoint).", min=1)
-    eval_samples: int = opt(4, "Samples per eval prompt in the reports.", min=1)
+    eval_samples: int = opt(16, "Samples per eval prompt in the reports.", min=1)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")

@@ -915,7 +915,7 @@ def _seed_for(seed: int, iteration: int, salt: int = 0) -> int:
 def evaluate(engine, scorer: Scorer, eval_prompts: Sequence[dict], cfg: PPOConfig, *,  # noqa: ANN001
              max_new_tokens: int, seed: int, accelerator,  # noqa: ANN001
              eval_metrics: Callable[[list[dict], list[str]], dict[str, float]] | None = None) -> dict[str, float]:
-    """Mean reward (and raw RM means) of one sample per held-out prompt; the early-stopping signal.
+    """Mean reward (and raw RM means) of ``cfg.eval_samples`` samples per held-out prompt; the early-stopping signal.
 
     Every process samples its share; results are gathered so every process
     takes the same early-stopping decision. ``eval_metrics(rows, responses)``
@@ -923,7 +923,11 @@ def evaluate(engine, scorer: Scorer, eval_prompts: Sequence[dict], cfg: PPOConfi
     """
     rows = _shard(list(eval_prompts), accelerator)
     prompts = [r["prompt"] for r in rows]
-    comps = [c[0] for c in engine.generate(prompts, 1, cfg.temperature, max_new_tokens, seed)] if rows else []
+    k = cfg.eval_samples
+    comps = [c for cs in engine.generate(prompts, k, cfg.temperature, max_new_tokens, seed) for c in cs] \
+        if rows else []
+    rows = [r for r in rows for _ in range(k)]
+    prompts = [r["prompt"] for r in rows]
     sb = scorer.score(prompts, [c.text for c in comps], [bool(r.get("is_safety", False)) for r in rows]) \
         if rows else None
     local = [(r, c.text, float(sb.reward[i]), float(sb.helpful[i]), float(sb.safety[i]), len(c.token_ids))

@@ -117,14 +117,13 @@ def load_rounds(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _add_rm_time(run_dir: Path, k: int, rep: dict) -> None:
-    """``times.rm``: reward-model training seconds of round k (v0: the initial RMs; vK: the refresh)."""
+    """``times.rm``: reward-model training seconds of round k (v0: the initial RMs; vK: the refreshes)."""
     times = rep.get("times")
     if isinstance(times, dict) and "rm" in times:
         return
-    folder = run_dir / "rm" if k == 0 else run_dir / f"v{k}" / "rm"
+    folders = [run_dir / "rm"] if k == 0 else [run_dir / f"v{k}" / "rm", run_dir / f"v{k}" / "ppo_rm"]
     seconds = []
-    for kind in ("helpful", "safety"):
-        path = folder / kind / "train_summary.json"
+    for path in (f / kind / "train_summary.json" for f in folders for kind in ("helpful", "safety")):
         if path.is_file():
             summary = _read_json(path)
             value = summary.get("train_seconds") if isinstance(summary, dict) else None

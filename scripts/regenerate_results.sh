@@ -18,10 +18,11 @@ declare -A RUNS=(
   [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
   [ablation-rs-n16]="--set rs.n=16"
   [ablation-rs-temp]="--set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
+  [ablation-ppo-every-round]="--set campaign.ppo_from_round=1"
 )
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
        ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4
-       ablation-rs-n16 ablation-rs-temp)
+       ablation-rs-n16 ablation-rs-temp ablation-ppo-every-round)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }

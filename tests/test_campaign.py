@@ -116,6 +116,18 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     stages = json.loads((d / "manifest.json").read_text())["stages"]
     assert all(len(h) == 64 for s in stages.values() for h in s["outputs"].values())
     assert "nan" not in (d / "report.md").read_text().lower().split()
+    # PPO's held-out prompts (1 in 8 train prompts) are never trained on: no sample, no selection, no PPO rollout.
+    import hashlib
+
+    def held_out(text: str) -> bool:
+        return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 8 == 0
+
+    for k in (1, 2):
+        for name in ("samples.jsonl", "selected.jsonl"):
+            rows = [json.loads(x) for x in (d / f"v{k}" / name).read_text().splitlines()]
+            assert rows and not any(held_out(r["prompt"]) for r in rows), (k, name)
+    ppo_eval = [row for row in json.loads((d / "v2" / "ppo.json").read_text())["history"] if "eval_gold" in row]
+    assert ppo_eval and all(row["eval_n"] % 4 == 0 for row in ppo_eval)  # ppo.eval_samples per held-out prompt
     # RM refresh (round 2): new comparisons of v1's policy's samples plus as many replayed earlier ones,
     # training continued from the initial RMs; round 2 is scored by the refreshed RMs.
     assert "v2/rm" in stages and "v1/rm" not in stages
@@ -130,6 +142,17 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         assert all(json.loads(x)["source"] == f"tinyworld-{kind}-v2" for x in new)
         summary = json.loads((d / "v2" / "rm" / kind / "train_summary.json").read_text())
         assert summary["init"].endswith(f"rm/{kind}")
+    # Before PPO the RMs are refreshed again on the RS checkpoint's own samples (reward.refresh_before_ppo), and
+    # continue from that round's refresh; PPO, the evaluation and the next round score with them.
+    for k in (1, 2):
+        assert f"v{k}/ppo_rm" in stages
+        summary = json.loads((d / f"v{k}" / "ppo_rm" / "helpful" / "train_summary.json").read_text())
+        started_from = str(d / "v2" / "rm" / "helpful") if k == 2 else str(d / "rm" / "helpful")
+        assert summary["init"] == started_from
+        new = (d / f"v{k}" / "ppo_rm" / "comparisons_helpful.jsonl").read_text().splitlines()
+        assert new and all(json.loads(x)["source"] == f"tinyworld-helpful-v{k}-ppo" for x in new)
+    assert json.loads((d / "v2" / "rm" / "helpful" / "train_summary.json").read_text())["init"].endswith(
+        "v1/ppo_rm/helpful")
 
 
 def test_rerun_does_not_recompute(reference_run, world_config):
