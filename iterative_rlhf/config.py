@@ -263,8 +263,9 @@ class CampaignConfig:
     rounds: int = opt(5, "Number of rounds (V1..Vn).", min=1)
     mode: Literal["rs", "ppo", "rs+ppo"] = opt("rs+ppo", "rs = rejection sampling + SFT; ppo = PPO only; "
                                                "rs+ppo = PPO on top of each RS checkpoint.")
-    ppo_from_round: int = opt(5, "First round that runs PPO in mode rs+ppo (Llama 2: RS only until V4, "
-                              "then PPO on top of each RS checkpoint).", min=1)
+    ppo_from_round: int = opt(1, "First round that runs PPO on top of the RS checkpoint in mode rs+ppo (Llama 2 "
+                              "and the 7B recipes: 5, RS only until V4; TinyWorld: 1, every round, which "
+                              "results/ablation-ppo-from-v5 compares).", min=1)
     eval_samples: int = opt(16, "Samples per eval prompt in the reports.", min=1)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")

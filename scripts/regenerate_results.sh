@@ -15,14 +15,13 @@ declare -A RUNS=(
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
   [ablation-no-refresh]="--set reward.refresh=false"
-  [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
   [ablation-rs-n16]="--set rs.n=16"
   [ablation-rs-temp]="--set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
-  [ablation-ppo-every-round]="--set campaign.ppo_from_round=1"
+  [ablation-ppo-from-v5]="--set campaign.ppo_from_round=5"
 )
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
-       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh ablation-ppo-lr3e-4
-       ablation-rs-n16 ablation-rs-temp ablation-ppo-every-round)
+       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh
+       ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
