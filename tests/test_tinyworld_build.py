@@ -96,3 +96,37 @@ def test_worlds_that_differ_only_in_annotation_share_the_trained_policy(world, w
     assert digest(paths.policy) == digest(world.policy)
     rows = [json.loads(x) for x in paths.comparisons("helpful", "train").read_text().splitlines()]
     assert len(rows) > 0
+
+
+def test_pretraining_micro_batches_give_the_gradient_of_the_whole_batch():
+    """Length-sorted micro-batches with num_items_in_batch = the padded batch's mean loss, to float error."""
+    import random
+    from dataclasses import replace
+
+    import torch
+
+    from iterative_rlhf.config import TinyWorldConfig
+    from iterative_rlhf.tinyworld import policy as P
+
+    cfg = replace(TinyWorldConfig(), hidden_size=32, num_heads=1, num_layers=1)
+    corpus = write_corpus(get_prompts("all"), 200, seed=0)
+    tok = P.build_tokenizer([p.text for p, _ in corpus] + [r for _, r in corpus], 300)
+    data = P._encode(tok, corpus)
+    torch.manual_seed(0)
+    model = P.build_model(cfg, tok)
+    batch = random.Random(0).sample(data, 16)
+    pad = tok.pad_token_id
+
+    ids, attn, labels = P._pad(batch, pad)
+    model.zero_grad()
+    model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    n = sum(len(x) - start for x, start in batch)
+    ordered = sorted(batch, key=lambda x: len(x[0]))
+    for chunk in (ordered[:4], ordered[4:8], ordered[8:12], ordered[12:]):
+        ids, attn, labels = P._pad(chunk, pad)
+        model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=n).loss.backward()
+    assert max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), whole)) < 1e-5
+    assert ids.shape[1] == max(len(x) for x, _ in ordered[12:])  # each micro-batch pads to its own longest
