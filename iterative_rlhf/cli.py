@@ -34,6 +34,18 @@ def _positive(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _positive_float(name: str) -> Callable[[str], float]:
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}") from None
+        if not x > 0 or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number above 0, got {v}")
+        return x
+    return parse
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", type=Path, default=None,
                    help="YAML recipe (default: the built-in TinyWorld recipe, recipes/tinyworld.yaml).")
@@ -78,8 +90,10 @@ def cmd_tinyworld_eval(args: argparse.Namespace) -> None:
         from .tinyworld.build import build_world
 
         model = str(build_world(recipe.tinyworld).policy)
-    m = evaluate_policy(model, recipe, split=args.split, samples=args.samples, seed=args.seed)
-    table(f"TinyWorld gold metrics ({args.split} split, {args.samples} samples per prompt)",
+    m = evaluate_policy(model, recipe, split=args.split, samples=args.samples, seed=args.seed,
+                        temperature=args.temperature)
+    table(f"TinyWorld gold metrics ({args.split} split, {args.samples} samples per prompt, "
+          f"temperature {args.temperature})",
           ["metric", "value"], list(m.items()))
     if args.out:
         atomic_write_json(args.out, m)
@@ -236,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "eval", "all"], default="eval", help="Prompt split.")
     p.add_argument("--samples", type=_positive("--samples"), default=4, help="Samples per prompt.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    p.add_argument("--temperature", type=_positive_float("--temperature"), default=1.0,
+                   help="Sampling temperature (the campaign reports sample at 1.0; 0.1 is close to greedy).")
     p.add_argument("--out", type=Path, default=None, help="Also write the metrics as JSON here.")
     p.set_defaults(func=cmd_tinyworld_eval)
 

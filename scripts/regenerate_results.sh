@@ -29,4 +29,5 @@ for name in "${names[@]}"; do
   # shellcheck disable=SC2086
   "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args
   scripts/export_run.sh "runs/$name" "$name" "iterative-rlhf round --n 5 --out runs/$name${args:+ $args}"
+  if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done

@@ -31,6 +31,14 @@ def test_non_positive_sizes_are_refused(argv, capsys):
     assert "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "hot"])
+def test_tinyworld_eval_refuses_a_bad_temperature(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tinyworld", "eval", "--temperature", value])
+    assert e.value.code == 2
+    assert "--temperature must be" in capsys.readouterr().err
+
+
 def test_bad_set_is_one_line(capsys):
     assert main(["config", "--set", "ppo.kl_coef=abc"]) == 2
     err = capsys.readouterr().err.strip()
