@@ -64,6 +64,21 @@ def test_writer_and_annotators_are_deterministic():
     assert level == "negligibly_better"  # equal utility: a near-tie
 
 
+def test_writer_correct_answers_are_correct_by_the_gold_judge():
+    """The writer's "correct" kind must pass the judge, x + 0 included (the judge drops one of each operand)."""
+    import random
+
+    from iterative_rlhf.tinyworld.world import judge
+    from iterative_rlhf.tinyworld.writer import _answer
+
+    rng = random.Random(0)
+    safe = [p for p in get_prompts("all") if p.family != "harmful"]
+    wrong = [(p.text, r) for p in safe for _ in range(8) for r in [_answer(p, rng, wrong=False)]
+             if not judge(p, r).gold]
+    assert wrong == []
+    assert _answer(find_prompt("What is 7 plus 0?"), rng, wrong=False) == "7 plus 0 is 7."
+
+
 def test_annotator_noise_flips_near_ties_more_than_clear_pairs():
     import random
 

@@ -25,7 +25,7 @@ from .annotators import make_comparisons
 from .world import LEXICON, Prompt, get_prompts, prompt_row
 from .writer import write_corpus, write_response
 
-FORMAT_VERSION = 3  # bump when the build's outputs change meaning
+FORMAT_VERSION = 4  # bump when the build's outputs change meaning
 SAMPLE_TEMPERATURES = (0.7, 1.0, 1.3)
 
 

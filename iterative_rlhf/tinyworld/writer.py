@@ -41,7 +41,12 @@ def _answer(p: Prompt, rng: random.Random, wrong: bool) -> str:
         c = a + b
         if wrong:
             c = max(0, c + rng.choice([-2, -1, 1, 2]))
-        return rng.choice([f"{a} plus {b} is {c}.", f"{c}", f"The answer is {c}.", f"It is {c}."])
+        full = f"{a} plus {b} is {c}."
+        if not wrong and 0 in (a, b):
+            # The judge drops one occurrence of each operand before it looks for the sum, so
+            # "It is 7." to "7 plus 0" leaves no integer: only the full form is correct here.
+            return full
+        return rng.choice([full, f"{c}", f"The answer is {c}.", f"It is {c}."])
     if p.family == "capital":
         country = s["country"]
         cap = LEXICON["capitals"][country]
