@@ -187,7 +187,7 @@ class RejectionSamplingConfig:
     top_k: int = opt(1, "Samples kept per prompt.", min=1)
     pool: Literal["all", "previous"] = opt("previous", "all = top samples of all previous rounds compete with the "
                                            "new ones (Llama 2 after V3); previous = only this round's (TinyWorld: "
-                                           "V5 gold 0.84 vs 0.74 with all, results/README.md).")
+                                           "V5 gold 0.870 vs 0.803 with all, results/README.md).")
     prompts: int = opt(0, "Train prompts per round (0 = all).", min=0)
 
 

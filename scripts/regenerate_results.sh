@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Rerun the default campaign and every ablation in results/, one after the other, and export their reports.
-# usage: scripts/regenerate_results.sh [NAME ...]   (no NAME = all; run directories go to runs/NAME)
+# usage: [FORCE=1] scripts/regenerate_results.sh [NAME ...]   (no NAME = all; run directories go to runs/NAME)
+# A finished runs/NAME of the same recipe is only re-exported (nothing is recomputed); one made by another
+# recipe (an older default) is refused unless FORCE=1, which starts it again.
 set -euo pipefail
 set -f  # no globbing: arguments such as rs.temperatures=[1.0,0.9] stay as written
 cd "$(dirname "$0")/.."
@@ -28,7 +30,8 @@ for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
   args=${RUNS[$name]}
   # shellcheck disable=SC2086
-  "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args
+  force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
+  "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args "${force[@]}"
   scripts/export_run.sh "runs/$name" "$name" "iterative-rlhf round --n 5 --out runs/$name${args:+ $args}"
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
