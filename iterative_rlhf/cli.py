@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ._quiet import cpu_threads, quiet_libraries
 
+    cpu_threads()  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
     quiet_libraries()
-    cpu_threads()
     try:
         args.func(args)
     except UserError as e:

@@ -42,6 +42,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
+from ._quiet import training_threads
 from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, save_checkpoint
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
@@ -327,7 +328,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     trainer.remove_callback(ProgressCallback)
     t0 = time.perf_counter()
     try:
-        with small_model_threads(model, trainer.args.device):
+        with small_model_threads(model, trainer.args.device, threads=training_threads()):
             trainer.train()
     finally:
         if report_to == ["none"] and trainer_dir.exists() and trainer.is_world_process_zero():

@@ -83,3 +83,15 @@ def test_every_field_has_help():
     rows = field_help()
     assert len(rows) > 50
     assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
+
+
+def test_training_threads_follow_the_wait_policy_and_the_override(monkeypatch):
+    from iterative_rlhf._quiet import training_threads
+
+    monkeypatch.delenv("ITERATIVE_RLHF_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert training_threads() == 1  # spin-waiting threads: one thread only
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert 1 <= training_threads() <= 2
+    monkeypatch.setenv("ITERATIVE_RLHF_THREADS", "3")
+    assert training_threads() == 3
