@@ -21,10 +21,13 @@ declare -A RUNS=(
   [ablation-rs-temp]="--set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
   [ablation-ppo-from-v5]="--set campaign.ppo_from_round=5"
   [ablation-sft-epochs8]="--set sft.epochs=8"
+  [default-seed1]="--set seed=1"
+  [default-seed2]="--set seed=2"
 )
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
        ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh
-       ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8)
+       ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8
+       default-seed1 default-seed2)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }

@@ -12,7 +12,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 NAMES = ["tinyworld-rs+ppo", "ablation-ppo-from-v5", "ablation-mode-rs", "ablation-mode-ppo",
          "ablation-scorer-helpful", "ablation-scorer-safety", "ablation-pool-all", "ablation-margin-none",
-         "ablation-margin-large", "ablation-no-refresh", "ablation-rs-n16", "ablation-rs-temp", "ablation-sft-epochs8"]
+         "ablation-margin-large", "ablation-no-refresh", "ablation-rs-n16", "ablation-rs-temp", "ablation-sft-epochs8",
+         "default-seed1", "default-seed2"]
 
 
 def row(name: str) -> str:
