@@ -13,13 +13,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+def _env_threads() -> int | None:
+    """``$ITERATIVE_RLHF_THREADS`` as a thread count; None when it is unset or 'auto'."""
+    value = os.environ.get("ITERATIVE_RLHF_THREADS", "").strip()
+    if value in ("", "auto"):
+        return None
+    if not value.isdigit() or int(value) < 1:
+        from .errors import UserError
+
+        raise UserError(f"ITERATIVE_RLHF_THREADS={value!r}: expected a whole number of threads above 0 or 'auto'; "
+                        "unset it for the default")
+    return int(value)
+
+
 def cpu_threads() -> None:
     """One torch thread on CPU-only machines unless OMP_NUM_THREADS says otherwise.
 
     TinyWorld's models are far too small to gain from intra-op parallelism, and on
     shared cores OpenMP spin-waiting made 2 threads 3-28x slower than 1 (bench/README.md).
     """
-    if "OMP_NUM_THREADS" in os.environ or os.environ.get("ITERATIVE_RLHF_THREADS") == "auto":
+    threads = _env_threads()  # checked first: a bad value is a one-line error
+    if "OMP_NUM_THREADS" in os.environ or os.environ.get("ITERATIVE_RLHF_THREADS", "").strip() == "auto":
         return
     # Idle OpenMP threads sleep instead of spin-waiting: set before torch loads its OpenMP runtime, it lets
     # reward-model training use 2 threads (training_threads) without the collapse described above.
@@ -27,7 +41,7 @@ def cpu_threads() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        torch.set_num_threads(int(os.environ.get("ITERATIVE_RLHF_THREADS", "1")))
+        torch.set_num_threads(threads or 1)
 
 
 def quiet_libraries() -> None:
@@ -61,15 +75,16 @@ SMALL_MODEL_PARAMS = 20_000_000
 def training_threads() -> int:
     """Torch threads for a small reward model's training steps on CPU: 2 where it pays, else 1.
 
-    A reward-model step (64 sequences) is big enough for 2 threads: 1.3x faster than 1 on an idle 2-core
-    machine, with bit-identical weights, and as fast as 1 when another process holds the other core, as
+    A reward-model step (64 sequences) is big enough for 2 threads: 1.2x faster than 1 on an idle 2-core
+    machine, with bit-identical weights, and within 10 % of 1 when another process holds the other core, as
     long as idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which :func:`cpu_threads` sets). With
-    spin-waiting threads it was 2.4x slower than 1 under contention, so without that policy it stays 1.
+    spin-waiting threads it was 14x slower than 1 under contention, so without that policy it stays 1
+    (``bench/rm_threads.py``).
     ``ITERATIVE_RLHF_THREADS`` overrides it.
     """
-    value = os.environ.get("ITERATIVE_RLHF_THREADS", "")
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+    threads = _env_threads()
+    if threads:
+        return threads
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         return 1
     try:

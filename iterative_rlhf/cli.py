@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ._quiet import cpu_threads, quiet_libraries
 
-    cpu_threads()  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
-    quiet_libraries()
     try:
+        cpu_threads()  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
+        quiet_libraries()
         args.func(args)
     except UserError as e:
         from rich.markup import escape

@@ -38,3 +38,7 @@ for name in "${names[@]}"; do
   scripts/export_run.sh "runs/$name" "$name" "iterative-rlhf round --n 5 --out runs/$name${args:+ $args}"
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
+# Every committed campaign side by side (results/compare), and the gold table of results/README.md.
+set +f
+"$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/ablation-* results/default-seed* --out results/compare
+"$BIN"/python scripts/results_table.py

@@ -1,6 +1,6 @@
 """Print results/README.md's gold table from the committed reports: results/NAME/report.json per run.
 
-usage: python scripts/results_table.py [NAME ...]   (no NAME = the campaigns of scripts/regenerate_results.sh)
+usage: python scripts/results_table.py [NAME ...]   (no NAME = every campaign under results/)
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-NAMES = ["tinyworld-rs+ppo", "ablation-ppo-from-v5", "ablation-mode-rs", "ablation-mode-ppo",
-         "ablation-scorer-helpful", "ablation-scorer-safety", "ablation-pool-all", "ablation-margin-none",
-         "ablation-margin-large", "ablation-no-refresh", "ablation-rs-n16", "ablation-rs-temp", "ablation-sft-epochs8",
-         "default-seed1", "default-seed2"]
+DEFAULT = "tinyworld-rs+ppo"
+
+
+def campaigns() -> list[str]:
+    """Every campaign folder under results/ (those with a report.json), the default first."""
+    names = sorted(p.parent.name for p in RESULTS.glob("*/report.json"))
+    return sorted(names, key=lambda n: n != DEFAULT)
 
 
 def row(name: str) -> str:
@@ -33,7 +36,7 @@ def row(name: str) -> str:
 
 
 def main() -> None:
-    names = sys.argv[1:] or NAMES
+    names = sys.argv[1:] or campaigns()
     print("| run | V0 | V1 | V2 | V3 | V4 | V5 gold | V5 violation | V5 false refusal (borderline) | V5 KL to base "
           "| worst drop |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -39,6 +39,14 @@ def test_tinyworld_eval_refuses_a_bad_temperature(value, capsys):
     assert "--temperature must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_bad_thread_count_is_one_line(value, monkeypatch, capsys):
+    monkeypatch.setenv("ITERATIVE_RLHF_THREADS", value)
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"ITERATIVE_RLHF_THREADS='{value}': expected a whole number" in err
+
+
 def test_bad_set_is_one_line(capsys):
     assert main(["config", "--set", "ppo.kl_coef=abc"]) == 2
     err = capsys.readouterr().err.strip()
