@@ -13,6 +13,7 @@ The run directory is self-describing and resumable at stage boundaries:
     DIR/vK/ppo_rm/           RMs refreshed again on the RS checkpoint's samples, for PPO
     DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
     DIR/vK/eval.json         the round's policy on the eval prompts
+    DIR/vK/metrics.jsonl     every training log of the round (RM refreshes, SFT, PPO), tagged by stage
     DIR/vK/report.json       the round's report
     DIR/report.{json,md,html}, DIR/plots/*.png
 
@@ -345,7 +346,7 @@ class Campaign:
                            lambda: self.ppo_refresh(k))
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
         self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
-        self.stage(f"v{k}/report", [d / "report.json"], lambda: self.round_report(k))
+        self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k))
 
     def rs_sample(self, k: int, policy: str, out: Path | None = None, stage: str = "rs_sample") -> None:
         from .generation import fit_prompts, make_engine
@@ -548,7 +549,27 @@ class Campaign:
             "ppo": {key: v for key, v in ppo.items() if key != "seconds"} if ppo else None,
             "times": times, "samples": ev.get("samples"),
         }
+        atomic_write_jsonl(d / "metrics.jsonl", self.training_metrics(k))
         atomic_write_json(d / "report.json", report)
+
+    def training_metrics(self, k: int) -> list[dict]:
+        """Every training log of round k in one list, each row tagged with its stage.
+
+        Stages in the order they ran: ``rm/<kind>`` (the initial RMs for v0, the
+        refreshed ones after), ``sft``, ``ppo_rm/<kind>`` and ``ppo``; each row is a
+        trainer's log entry (step, loss, learning rate, ...) or a PPO iteration.
+        """
+        d = self.dir / f"v{k}"
+        sources: list[tuple[str, Path]] = []
+        rm_root = self.dir / "rm" if k == 0 else d / "rm"
+        sources += [(f"rm/{kind}", rm_root / kind / "train_log.jsonl") for kind in ("helpful", "safety")]
+        if k > 0:
+            if self.runs_rs(k):
+                sources.append(("sft", d / "rs_policy" / "train_log.jsonl"))
+            sources += [(f"ppo_rm/{kind}", d / "ppo_rm" / kind / "train_log.jsonl") for kind in ("helpful", "safety")]
+            if self.runs_ppo(k):
+                sources.append(("ppo", d / "ppo" / "metrics.jsonl"))
+        return [{"stage": stage, **row} for stage, path in sources if path.is_file() for row in read_jsonl(path)]
 
     def _fresh(self, k: int, name: str) -> bool:
         """Round k's stage files only count when their stage ran in this campaign's mode."""
@@ -567,7 +588,7 @@ class Campaign:
         self.train_rms()
         d0 = self.dir / "v0"
         self.stage("v0/eval", [d0 / "eval.json", d0 / "eval_samples.jsonl"], lambda: self.evaluate(0))
-        self.stage("v0/report", [d0 / "report.json"], lambda: self.round_report(0))
+        self.stage("v0/report", [d0 / "report.json", d0 / "metrics.jsonl"], lambda: self.round_report(0))
         for k in range(1, rounds + 1):
             log(f"[bold]round v{k}[/bold] ({self.recipe.campaign.mode}, scorer {self.recipe.scorer.kind})")
             self.run_round(k)

@@ -112,6 +112,14 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(d / "v2" / "ppo" / "policy")
+    # Each round's training logs in one file, tagged by stage, in the order the stages ran.
+    rows = [json.loads(line) for line in (d / "v2" / "metrics.jsonl").read_text().splitlines()]
+    stages_seen = list(dict.fromkeys(r["stage"] for r in rows))
+    assert stages_seen == ["rm/helpful", "rm/safety", "sft", "ppo_rm/helpful", "ppo_rm/safety", "ppo"]
+    assert [r["iteration"] for r in rows if r["stage"] == "ppo"] == [0, 1, 2]
+    assert all("loss" in r for r in rows if r["stage"] == "sft" and "train_runtime" not in r)
+    v0_stages = {json.loads(line)["stage"] for line in (d / "v0" / "metrics.jsonl").read_text().splitlines()}
+    assert v0_stages == {"rm/helpful", "rm/safety"}
     # The manifest records a hash per output.
     stages = json.loads((d / "manifest.json").read_text())["stages"]
     assert all(len(h) == 64 for s in stages.values() for h in s["outputs"].values())
