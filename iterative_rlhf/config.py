@@ -204,6 +204,8 @@ class SFTConfig:
     batch_size: int = opt(16, "Examples per optimiser step.", min=1)
     per_device_batch_size: int = opt(16, "Examples per forward pass per device.", min=1)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
+    safety_weight: int = opt(1, "Times each selected sample of a safety-tagged prompt appears in the fine-tuning "
+                             "data (1 = once, like every other sample).", min=1)
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 

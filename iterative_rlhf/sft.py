@@ -31,6 +31,11 @@ def sft_dataset(rows: list[dict]):  # noqa: ANN201
          "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
 
 
+def weighted_rows(rows: list[dict], safety_weight: int) -> list[dict]:
+    """Each row of a safety-tagged prompt (``is_safety``) ``safety_weight`` times, the others once, in order."""
+    return [r for r in rows for _ in range(safety_weight if r.get("is_safety") else 1)]
+
+
 def _nan_guard():  # noqa: ANN202
     from transformers import TrainerCallback
 
@@ -55,7 +60,7 @@ def finetune(recipe: Recipe, rows: list[dict], init_path: str, out_dir: Path, se
     model = load_causal_lm(init_path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
                            quant=cfg.quant if quantized else None)
     model = apply_lora(model, cfg.lora, "CAUSAL_LM", quantized=quantized)
-    ds = sft_dataset(rows)
+    ds = sft_dataset(weighted_rows(rows, cfg.safety_weight))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # batch_size is global: accumulation fills the rest
     accum = max(1, cfg.batch_size // (cfg.per_device_batch_size * world_size))
     work = out_dir.parent / f".{out_dir.name}.trainer"

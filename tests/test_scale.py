@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from iterative_rlhf.config import load_recipe
+from iterative_rlhf.errors import UserError
 from iterative_rlhf.launch import accelerate_command, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,6 +278,22 @@ def test_qlora_sft_saves_the_adapter_merged_into_full_precision(world, tmp_path,
     assert_standalone_lora_merge(out, world.policy)
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train_loss" in r] == [3]
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_sft_safety_weight_repeats_the_safety_prompts_samples(world, tmp_path):
+    from iterative_rlhf.sft import finetune, weighted_rows
+
+    rows = [{"prompt": r["prompt"], "response": "I can't help with that." if r["is_safety"] else "7",
+             "is_safety": r["is_safety"]} for r in read_jsonl(world.prompts("train"))]
+    rows = [r for r in rows if r["is_safety"]][:4] + [r for r in rows if not r["is_safety"]][:8]
+    assert len(weighted_rows(rows, 1)) == 12 and len(weighted_rows(rows, 3)) == 20
+    assert weighted_rows(rows, 3)[:3] == [rows[0]] * 3
+    recipe = load_recipe(None, ["sft.safety_weight=3", "sft.batch_size=4", "sft.per_device_batch_size=4",
+                                "sft.epochs=1"])
+    out = finetune(recipe, rows, str(world.policy), tmp_path / "sft", seed=0)
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train_loss" in r] == [5]  # 20 rows / 4
+    with pytest.raises(UserError, match="sft.safety_weight"):
+        load_recipe(None, ["sft.safety_weight=0"])
 
 
 def test_4bit_lora_gradients_survive_an_eval_pass_on_the_cpu(world):
