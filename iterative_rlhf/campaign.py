@@ -55,10 +55,17 @@ class Manifest:
         self.path = run_dir / "manifest.json"
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
 
-    def done(self, stage: str) -> bool:
+    def done(self, stage: str, outputs: list[Path] = ()) -> bool:
+        """True when the stage is recorded, every output it recorded still hashes the same, and each of
+        ``outputs`` (what the stage writes now) was recorded (a stage of an older version may have written less)."""
         entry = self.data["stages"].get(stage)
         if entry is None:
             return False
+        for p in outputs:
+            if str(p.relative_to(self.run_dir)) not in entry["outputs"]:
+                log(f"[yellow]{stage}: output {p.relative_to(self.run_dir)} was not written by the run that "
+                    "recorded this stage; running the stage again[/yellow]")
+                return False
         for rel, digest in entry["outputs"].items():
             p = self.run_dir / rel
             if not p.exists() or hash_path(p) != digest:
@@ -159,7 +166,7 @@ class Campaign:
 
     def stage(self, name: str, outputs: list[Path], fn: Callable[[], Any]) -> bool:
         """Run ``fn`` unless the stage is done; record its outputs. Returns True if it ran."""
-        if self.manifest.done(name):
+        if self.manifest.done(name, outputs):
             return False
         t = time.time()
         fn()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copy a campaign's reports and per-round training logs (no checkpoints, no sample dumps) into results/NAME, with the command beside them.
+# Copy a campaign's reports (no checkpoints, no sample dumps) into results/NAME, with the command beside them.
 # usage: scripts/export_run.sh RUN_DIR NAME "COMMAND THAT MADE IT"
 set -euo pipefail
 run=$1; name=$2; cmd=$3
@@ -8,5 +8,5 @@ rm -rf "$dest"; mkdir -p "$dest"
 cp "$run"/config.yaml "$run"/manifest.json "$run"/report.json "$run"/report.md "$run"/report.html "$dest"/
 cp -r "$run"/plots "$dest"/
 [ -d "$run/rm/eval" ] && mkdir -p "$dest/rm_eval" && cp "$run"/rm/eval/* "$dest/rm_eval/"
-for d in "$run"/v*/; do k=$(basename "$d"); mkdir -p "$dest/$k"; cp "$d"report.json "$dest/$k/"; if [ -f "$d"metrics.jsonl ]; then cp "$d"metrics.jsonl "$dest/$k/"; fi; done
+for d in "$run"/v*/; do k=$(basename "$d"); mkdir -p "$dest/$k"; cp "$d"report.json "$dest/$k/"; done
 printf '# %s\n\nMade by:\n\n```bash\n%s\n```\n\nthen `scripts/export_run.sh %s %s "..."` (reports only; checkpoints and samples stay in the run directory).\nRead `report.md` (or open `report.html`).\n' "$name" "$cmd" "$run" "$name" > "$dest/README.md"

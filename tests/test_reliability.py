@@ -66,6 +66,23 @@ def test_disk_space_check_says_how_much(tmp_path, monkeypatch):
     check_free_space(tmp_path, 2**20, "a small file")
 
 
+def test_a_stage_reruns_when_it_now_writes_an_output_its_record_lacks(tmp_path):
+    from iterative_rlhf.campaign import Manifest
+
+    (tmp_path / "v1").mkdir()
+    report, metrics = tmp_path / "v1" / "report.json", tmp_path / "v1" / "metrics.jsonl"
+    report.write_text("{}")
+    m = Manifest(tmp_path)
+    m.mark("v1/report", [report])
+    assert Manifest(tmp_path).done("v1/report", [report])
+    metrics.write_text("")
+    assert not Manifest(tmp_path).done("v1/report", [report, metrics])  # recorded by an older version
+    m.mark("v1/report", [report, metrics])
+    assert Manifest(tmp_path).done("v1/report", [report, metrics])
+    report.write_text('{"changed": 1}')
+    assert not Manifest(tmp_path).done("v1/report", [report, metrics])
+
+
 def test_read_jsonl_errors(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a"}\n[1, 2]\n')

@@ -1,0 +1,88 @@
+"""Re-measure each committed campaign's last policy on the eval prompts with many samples per prompt.
+
+A campaign report samples 16 responses per eval prompt: 80 responses to the 5
+harmful eval prompts, so one violation moves the violation rate by 0.0125.
+This script samples 128 per prompt (640 harmful responses) from the last
+round's checkpoint of runs/NAME (the run directory that made results/NAME),
+writes results/precise-eval/NAME.json and results/precise-eval/README.md, and
+prints the table, with the mean and standard deviation over the default's seeds.
+
+usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [NAME ...]   (no NAME = every campaign)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+OUT = RESULTS / "precise-eval"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_table import campaigns  # noqa: E402
+
+SEEDS = ("tinyworld-rs+ppo", "default-seed1", "default-seed2")
+KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
+
+
+def last_policy(name: str) -> Path:
+    report = json.loads((RESULTS / name / "report.json").read_text())
+    policy = ROOT / "runs" / name / report["rounds"][-1]["policy"]
+    if not (policy / "config.json").is_file():
+        raise SystemExit(f"{policy}: no checkpoint; run scripts/regenerate_results.sh {name} first")
+    return policy
+
+
+def measure(name: str, samples: int, seed: int) -> dict:
+    from iterative_rlhf.config import load_recipe
+    from iterative_rlhf.tinyworld.evaluate import evaluate_policy
+
+    recipe = load_recipe(str(RESULTS / name / "config.yaml"))
+    policy = last_policy(name)
+    m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed, temperature=1.0)
+    row = {"name": name, "policy": str(policy.relative_to(ROOT)), "samples_per_prompt": samples, "seed": seed, **m}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def table(rows: list[dict], samples: int) -> str:
+    lines = [f"| run | gold | helpful rate | violation ({rows[0]['n_harmful']} harmful) | false refusal "
+             "| borderline false refusal |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| `{r['name']}` | {r['gold']:.3f} | {r['helpful_rate']:.3f} | {r['violation_rate']:.4f} "
+              f"| {r['false_refusal_rate']:.4f} | {r['false_refusal_rate_borderline']:.4f} |" for r in rows]
+    seeds = [r for r in rows if r["name"] in SEEDS]
+    if len(seeds) == len(SEEDS):
+        cells = [f"{statistics.mean(r[k] for r in seeds):.3f} ± {statistics.stdev(r[k] for r in seeds):.3f}"
+                 for k in KEYS]
+        lines.append(f"| default, seeds 0-2 (mean ± sd) | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=128, help="samples per eval prompt (the reports use 16)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("names", nargs="*", help="campaigns under results/ (default: all)")
+    args = ap.parse_args()
+    names = args.names or campaigns()
+    rows = []
+    for name in names:
+        rows.append(measure(name, args.samples, args.seed))
+        print(f"{name}: gold {rows[-1]['gold']:.3f} violation {rows[-1]['violation_rate']:.4f}", flush=True)
+    if not args.names:  # the README covers every campaign
+        text = (f"# Last-round policies, {args.samples} samples per eval prompt\n\n"
+                "Made by:\n\n```bash\npython scripts/precise_eval.py\n```\n\n"
+                f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "
+                "temperature 1.0 (the reports: 16), scored by TinyWorld's gold judge.\n\n"
+                f"{table(rows, args.samples)}\n")
+        (OUT / "README.md").write_text(text)
+    print(table(rows, args.samples))
+
+
+if __name__ == "__main__":
+    main()
