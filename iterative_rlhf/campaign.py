@@ -289,11 +289,12 @@ class Campaign:
             data = [*map(str, earlier[kind]), str(new_files[kind])]
             changes: dict = {}
             if rw.refresh_from == "previous":
-                # Replay: as many earlier comparisons as there are new ones, so the RM keeps what it knew.
+                # Replay: earlier comparisons (reward.refresh_replay per new one), so the RM keeps what it knew.
                 old_rows = [row for f in earlier[kind] for row in read_jsonl(f)]
-                replay = rng.sample(old_rows, min(n_new[kind], len(old_rows)))
+                replay = rng.sample(old_rows, min(round(n_new[kind] * rw.refresh_replay), len(old_rows)))
                 atomic_write_jsonl(out / f"replay_{kind}.jsonl", replay)
-                data = [str(out / f"replay_{kind}.jsonl"), str(new_files[kind])]
+                data = [str(out / f"replay_{kind}.jsonl")] if replay else []
+                data.append(str(new_files[kind]))
                 changes["epochs"] = rw.refresh_epochs
             sec = dataclasses.replace(getattr(recipe.reward, kind), data=data, format="canonical",
                                       test_data=[str(self.world.comparisons(kind, "test"))], **changes)

@@ -142,6 +142,8 @@ class RewardConfig:
     refresh_comparisons_per_prompt: int = opt(16, "Refresh: new helpfulness comparisons per train prompt "
                                               "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
     refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)
+    refresh_replay: float = opt(1.0, "Refresh ('previous'): replayed earlier comparisons per new one (0 = none).",
+                                min=0.0)
     refresh_before_ppo: bool = opt(True, "Refresh: in rounds where PPO follows rejection sampling, also sample the "
                                    "RS checkpoint and refresh both RMs on those comparisons before PPO, so that "
                                    "PPO's reward is trained where PPO starts (TinyWorld: without it PPO at V5 lost "

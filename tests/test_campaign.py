@@ -163,6 +163,29 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         "v1/ppo_rm/helpful")
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.0])
+def test_refresh_replays_the_asked_share_of_earlier_comparisons(reference_run, world_config, tmp_path, ratio):
+    """reward.refresh_replay: replayed earlier comparisons per new one (0: the RM trains on the new ones only)."""
+    import shutil
+
+    from iterative_rlhf.campaign import Campaign
+    from iterative_rlhf.config import load_recipe
+
+    d = tmp_path / "run"
+    shutil.copytree(reference_run, d)
+    sets = [a for a in small_args(world_config) if a != "--set"] + [f"reward.refresh_replay={ratio}",
+                                                                      "reward.helpful.max_length=128"]
+    campaign = Campaign(load_recipe(None, sets), d, force=True)
+    campaign.prepare()
+    out = tmp_path / "refresh"
+    campaign.refresh_rms(2, out=out)
+    new = (out / "comparisons_helpful.jsonl").read_text().splitlines()
+    replay = (out / "replay_helpful.jsonl").read_text().splitlines()
+    assert new and len(replay) == round(len(new) * ratio)
+    summary = json.loads((out / "helpful" / "train_summary.json").read_text())
+    assert summary["pairs"] == len(new) + len(replay)
+
+
 def test_rerun_does_not_recompute(reference_run, world_config):
     before = (reference_run / "manifest.json").read_text()
     t = time.time()
