@@ -173,8 +173,8 @@ def test_refresh_replays_the_asked_share_of_earlier_comparisons(reference_run, w
 
     d = tmp_path / "run"
     shutil.copytree(reference_run, d)
-    sets = [a for a in small_args(world_config) if a != "--set"] + [f"reward.refresh_replay={ratio}",
-                                                                      "reward.helpful.max_length=128"]
+    sets = [a for a in small_args(world_config) if a != "--set"]
+    sets += [f"reward.refresh_replay={ratio}", "reward.helpful.max_length=128"]  # no pair cut for length
     campaign = Campaign(load_recipe(None, sets), d, force=True)
     campaign.prepare()
     out = tmp_path / "refresh"
