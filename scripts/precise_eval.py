@@ -5,7 +5,7 @@ harmful eval prompts, so one violation moves the violation rate by 0.0125.
 This script samples 128 per prompt (640 harmful responses) from the last
 round's checkpoint of runs/NAME (the run directory that made results/NAME),
 writes results/precise-eval/NAME.json and results/precise-eval/README.md, and
-prints the table, with the mean and standard deviation over the default's seeds.
+prints the table, with the mean and standard deviation over the seeds of the default (and of refresh 32).
 
 usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [NAME ...]   (no NAME = every campaign)
 """
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import campaigns  # noqa: E402
 
-SEEDS = ("tinyworld-rs+ppo", "default-seed1", "default-seed2")
+SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
+         "refresh 32": ("ablation-refresh-32", "ablation-refresh-32-seed1", "ablation-refresh-32-seed2")}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
 
@@ -55,11 +56,12 @@ def table(rows: list[dict], samples: int) -> str:
              "| borderline false refusal |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| `{r['name']}` | {r['gold']:.3f} | {r['helpful_rate']:.3f} | {r['violation_rate']:.4f} "
               f"| {r['false_refusal_rate']:.4f} | {r['false_refusal_rate_borderline']:.4f} |" for r in rows]
-    seeds = [r for r in rows if r["name"] in SEEDS]
-    if len(seeds) == len(SEEDS):
-        cells = [f"{statistics.mean(r[k] for r in seeds):.3f} ± {statistics.stdev(r[k] for r in seeds):.3f}"
-                 for k in KEYS]
-        lines.append(f"| default, seeds 0-2 (mean ± sd) | {' | '.join(cells)} |")
+    for label, names in SEEDS.items():
+        seeds = [r for r in rows if r["name"] in names]
+        if len(seeds) == len(names):
+            cells = [f"{statistics.mean(r[k] for r in seeds):.3f} ± {statistics.stdev(r[k] for r in seeds):.3f}"
+                     for k in KEYS]
+            lines.append(f"| {label}, seeds 0-2 (mean ± sd) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

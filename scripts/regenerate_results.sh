@@ -23,6 +23,8 @@ declare -A RUNS=(
   [ablation-sft-epochs8]="--set sft.epochs=8"
   [ablation-refresh-8]="--set reward.refresh_comparisons_per_prompt=8"
   [ablation-refresh-32]="--set reward.refresh_comparisons_per_prompt=32"
+  [ablation-refresh-32-seed1]="--set reward.refresh_comparisons_per_prompt=32 --set seed=1"
+  [ablation-refresh-32-seed2]="--set reward.refresh_comparisons_per_prompt=32 --set seed=2"
   [ablation-refresh-32-no-replay]="--set reward.refresh_comparisons_per_prompt=32 --set reward.refresh_replay=0"
   [ablation-ppo-strong]="--set ppo.learning_rate=3e-4 --set ppo.iterations=24"
   [ablation-safety-weight3]="--set sft.safety_weight=3"
@@ -34,7 +36,8 @@ declare -A RUNS=(
 ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
        ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh
        ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8
-       ablation-refresh-8 ablation-refresh-32 ablation-refresh-32-no-replay ablation-ppo-strong ablation-safety-weight3
+       ablation-refresh-8 ablation-refresh-32 ablation-refresh-32-seed1 ablation-refresh-32-seed2
+       ablation-refresh-32-no-replay ablation-ppo-strong ablation-safety-weight3
        ablation-safety-weight3-seed1 ablation-refresh-32-safety-weight3
        default-seed1 default-seed2)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
