@@ -17,8 +17,9 @@ The run directory is self-describing and resumable at stage boundaries:
     DIR/vK/report.json       the round's report
     DIR/report.{json,md,html}, DIR/plots/*.png
 
-A stage counts as done only when the manifest lists it and its outputs still
-hash to what the manifest recorded; every output is written atomically, so a
+A stage counts as done only when the manifest lists it, its outputs still
+hash to what the manifest recorded, and it recorded every output the stage
+writes now; every output is written atomically, so a
 crash (or Ctrl-C, or SIGKILL) at any point leaves either the old state or the
 new one. Rerunning the same command continues with the first stage not done;
 PPO also resumes inside its own stage from its last saved iteration.
