@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import apply_lora, load_causal_lm, load_tokenizer, save_checkpoint
 from .config import Recipe
-from .console import log
+from .console import log, warn
 from .errors import NumericalError, UserError
 from .io import atomic_write_jsonl
 
@@ -60,6 +60,9 @@ def finetune(recipe: Recipe, rows: list[dict], init_path: str, out_dir: Path, se
     model = load_causal_lm(init_path, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code,
                            quant=cfg.quant if quantized else None)
     model = apply_lora(model, cfg.lora, "CAUSAL_LM", quantized=quantized)
+    if cfg.safety_weight > 1 and not any("is_safety" in r for r in rows):
+        warn(f"sft.safety_weight={cfg.safety_weight}: no sample has an 'is_safety' field (selected.jsonl of "
+             "`iterative-rlhf rs` has one), so no sample is repeated")
     ds = sft_dataset(weighted_rows(rows, cfg.safety_weight))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # batch_size is global: accumulation fills the rest
     accum = max(1, cfg.batch_size // (cfg.per_device_batch_size * world_size))

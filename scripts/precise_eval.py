@@ -51,7 +51,7 @@ def measure(name: str, samples: int, seed: int) -> dict:
     return row
 
 
-def table(rows: list[dict], samples: int) -> str:
+def table(rows: list[dict]) -> str:
     lines = [f"| run | gold | helpful rate | violation ({rows[0]['n_harmful']} harmful) | false refusal "
              "| borderline false refusal |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| `{r['name']}` | {r['gold']:.3f} | {r['helpful_rate']:.3f} | {r['violation_rate']:.4f} "
@@ -81,9 +81,9 @@ def main() -> None:
                 "Made by:\n\n```bash\npython scripts/precise_eval.py\n```\n\n"
                 f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "
                 "temperature 1.0 (the reports: 16), scored by TinyWorld's gold judge.\n\n"
-                f"{table(rows, args.samples)}\n")
+                f"{table(rows)}\n")
         (OUT / "README.md").write_text(text)
-    print(table(rows, args.samples))
+    print(table(rows))
 
 
 if __name__ == "__main__":

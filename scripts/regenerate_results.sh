@@ -26,7 +26,10 @@ declare -A RUNS=(
   [ablation-refresh-32-seed1]="--set reward.refresh_comparisons_per_prompt=32 --set seed=1"
   [ablation-refresh-32-seed2]="--set reward.refresh_comparisons_per_prompt=32 --set seed=2"
   [ablation-refresh-32-no-replay]="--set reward.refresh_comparisons_per_prompt=32 --set reward.refresh_replay=0"
+  [ablation-refresh-epochs2]="--set reward.refresh_epochs=2"
+  [ablation-rm-lr2e-3]="--set reward.helpful.learning_rate=2e-3 --set reward.safety.learning_rate=2e-3"
   [ablation-ppo-strong]="--set ppo.learning_rate=3e-4 --set ppo.iterations=24"
+  [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
   [ablation-safety-weight3]="--set sft.safety_weight=3"
   [ablation-safety-weight3-seed1]="--set sft.safety_weight=3 --set seed=1"
   [ablation-refresh-32-safety-weight3]="--set reward.refresh_comparisons_per_prompt=32 --set sft.safety_weight=3"
@@ -37,20 +40,23 @@ ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpf
        ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh
        ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8
        ablation-refresh-8 ablation-refresh-32 ablation-refresh-32-seed1 ablation-refresh-32-seed2
-       ablation-refresh-32-no-replay ablation-ppo-strong ablation-safety-weight3
+       ablation-refresh-32-no-replay ablation-refresh-epochs2 ablation-rm-lr2e-3 ablation-ppo-strong
+       ablation-ppo-lr3e-4 ablation-safety-weight3
        ablation-safety-weight3-seed1 ablation-refresh-32-safety-weight3
        default-seed1 default-seed2)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
   args=${RUNS[$name]}
-  # shellcheck disable=SC2086
   force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
+  # shellcheck disable=SC2086
   "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args "${force[@]}"
   scripts/export_run.sh "runs/$name" "$name" "iterative-rlhf round --n 5 --out runs/$name${args:+ $args}"
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
-# Every committed campaign side by side (results/compare), and the gold table of results/README.md.
+# Every committed campaign side by side (results/compare), the last policies at 128 samples per eval prompt
+# (results/precise-eval, when every campaign was named), and the gold table of results/README.md.
 set +f
 "$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/ablation-* results/default-seed* --out results/compare
+if [ $# -eq 0 ]; then "$BIN"/python scripts/precise_eval.py; fi
 "$BIN"/python scripts/results_table.py

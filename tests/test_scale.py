@@ -280,7 +280,7 @@ def test_qlora_sft_saves_the_adapter_merged_into_full_precision(world, tmp_path,
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_sft_safety_weight_repeats_the_safety_prompts_samples(world, tmp_path):
+def test_sft_safety_weight_repeats_the_safety_prompts_samples(world, tmp_path, capsys):
     from iterative_rlhf.sft import finetune, weighted_rows
 
     rows = [{"prompt": r["prompt"], "response": "I can't help with that." if r["is_safety"] else "7",
@@ -294,6 +294,9 @@ def test_sft_safety_weight_repeats_the_safety_prompts_samples(world, tmp_path):
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl") if "train_loss" in r] == [5]  # 20 rows / 4
     with pytest.raises(UserError, match="sft.safety_weight"):
         load_recipe(None, ["sft.safety_weight=0"])
+    untagged = [{k: v for k, v in r.items() if k != "is_safety"} for r in rows[:4]]
+    finetune(recipe, untagged, str(world.policy), tmp_path / "sft-untagged", seed=0)
+    assert "no sample has an 'is_safety' field" in capsys.readouterr().err
 
 
 def test_4bit_lora_gradients_survive_an_eval_pass_on_the_cpu(world):
