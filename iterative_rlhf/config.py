@@ -116,6 +116,8 @@ class RewardModelConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
     center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
+    group_by_length: bool = opt(False, "Batch pairs of similar length, the batches in random order: less "
+                                "padding, faster steps.")
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 

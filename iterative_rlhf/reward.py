@@ -322,8 +322,9 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         f"{per_device * accum * world_size} pairs (per device {per_device} x accumulation {accum}), "
         f"lr {cfg.learning_rate:g}, warm-up {warmup}, "
         f"init {init}{', LoRA' if cfg.lora.enabled else ''}{', quantized' if quantized else ''}")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                            callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
+    trainer_cls = _length_grouped(RewardTrainer) if cfg.group_by_length else RewardTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                          callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     t0 = time.perf_counter()
@@ -359,6 +360,56 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         f"{summary['last_loss'] or 0:.4f} -> {out_dir}")
     trainer.accelerator.wait_for_everyone()
     return out_dir
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Indices in batches of pairs of similar length, the batches in random order.
+
+    Each epoch: shuffle, cut into megabatches of ``mega`` batches, sort each
+    megabatch by length, cut it into batches, then shuffle the batches of all
+    megabatches together. Unlike transformers' ``LengthGroupedSampler`` (which
+    keeps each megabatch's batches in order, longest first), no run of steps
+    sweeps from long to short pairs.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, mega: int = 50, seed: int = 0) -> None:
+        self.lengths, self.batch_size, self.mega, self.seed, self.epoch = lengths, batch_size, mega, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.mega * self.batch_size
+        batches = []
+        for i in range(0, len(order), size):
+            mb = sorted(order[i:i + size], key=self.lengths.__getitem__)
+            batches += [mb[j:j + self.batch_size] for j in range(0, len(mb), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield from batches[b]
+
+
+def _length_grouped(trainer_cls: type) -> type:
+    """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler`.
+
+    transformers' ``group_by_length`` reads lengths from an ``input_ids`` column (or a
+    ``length`` column that the trainer drops before building the sampler); a pair has
+    ``chosen_ids`` and ``rejected_ids``, and the collator pads both to the longer, so
+    the length of a pair is the longer of the two.
+    """
+
+    class LengthGroupedTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
+            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                       seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+
+    return LengthGroupedTrainer
 
 
 def _load_rm(path: str, dtype: str, trust_remote_code: bool, quant) -> Any:  # noqa: ANN001

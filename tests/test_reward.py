@@ -201,3 +201,35 @@ def test_both_rms_learn_on_tinyworld(world, tmp_path):
     assert report["tinyworld"]["correct_over_wrong"]["rate"] > 0.6
     assert (tmp_path / "eval" / "rm_eval.md").is_file() and (tmp_path / "eval" / "hist_safety.png").is_file()
     assert 0.0 <= report["gate"]["precision"] <= 1.0 and report["gate"]["responses"] > 0
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tiny, tmp_path):
+    """``reward.<kind>.group_by_length``: every pair once per epoch, in batches that need far less padding."""
+    from trl import RewardConfig, RewardTrainer
+
+    from iterative_rlhf.reward import _length_grouped, _tokenize_pairs
+
+    _, model, tok = tiny
+    words = ["cold", "hot", "Paris", "Rome", "five", "two"]
+    rows = []
+    for i in range(256):  # lengths from 1 to 16 words; transformers sorts megabatches of 8 batches here
+        n = 1 + (i * 7) % 16
+        rows.append({"prompt": f"What is {i % 10} plus 1?", "chosen": " ".join(words[j % 6] for j in range(n)),
+                     "rejected": "no", "level": "better", "margin": 0.5, "source": "t", "is_safety": False})
+    train = _tokenize_pairs(datasets.Dataset.from_list(rows), tok, 128, "helpful")
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", per_device_train_batch_size=8,
+                        bf16=False, max_length=128, disable_tqdm=True, dataloader_pin_memory=False, use_cpu=True)
+
+    def padded_tokens(trainer_cls: type) -> tuple[int, list[int]]:
+        trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok)
+        total, seen = 0, []
+        for batch in trainer.get_train_dataloader():
+            total += batch["input_ids"].numel()
+            chosen = batch["input_ids"][: len(batch["input_ids"]) // 2]
+            seen += [int((row != tok.pad_token_id).sum()) for row in chosen]
+        return total, seen
+
+    plain, seen_plain = padded_tokens(RewardTrainer)
+    grouped, seen_grouped = padded_tokens(_length_grouped(RewardTrainer))
+    assert sorted(seen_grouped) == sorted(seen_plain) and len(seen_grouped) == 256  # every pair exactly once
+    assert grouped < 0.8 * plain, (grouped, plain)
