@@ -116,8 +116,8 @@ class RewardModelConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
     center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
-    group_by_length: bool = opt(False, "Batch pairs of similar length, the batches in random order: less "
-                                "padding, faster steps.")
+    group_by_length: bool = opt(True, "Batch pairs of similar length, the batches in random order: less "
+                                "padding, faster steps (TinyWorld: 1.7x).")
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 
@@ -141,7 +141,7 @@ class RewardConfig:
         "previous", "Refresh: 'previous' = continue training the RMs of the round before on the new comparisons "
         "plus as many replayed earlier ones (constant cost per round); 'initial' = retrain from the initial "
         "checkpoint on every comparison so far (Llama 2; slower each round).")
-    refresh_comparisons_per_prompt: int = opt(16, "Refresh: new helpfulness comparisons per train prompt "
+    refresh_comparisons_per_prompt: int = opt(32, "Refresh: new helpfulness comparisons per train prompt "
                                               "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
     refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)
     refresh_replay: float = opt(1.0, "Refresh ('previous'): replayed earlier comparisons per new one (0 = none).",

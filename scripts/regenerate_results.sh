@@ -7,8 +7,15 @@ set -euo pipefail
 set -f  # no globbing: arguments such as rs.temperatures=[1.0,0.9] stay as written
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+# The previous default (before length-grouped RM batches and 32 refresh comparisons per train prompt): the
+# ablations that were not rerun on the current default are pinned to it, so their commands still make them.
+P="--set reward.refresh_comparisons_per_prompt=16 --set reward.helpful.group_by_length=false"
+P+=" --set reward.safety.group_by_length=false"
+NOG="--set reward.helpful.group_by_length=false --set reward.safety.group_by_length=false"
 declare -A RUNS=(
   [tinyworld-rs+ppo]=""
+  [default-seed1]="--set seed=1"
+  [default-seed2]="--set seed=2"
   [ablation-mode-rs]="--mode rs"
   [ablation-mode-ppo]="--mode ppo"
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
@@ -16,34 +23,36 @@ declare -A RUNS=(
   [ablation-pool-all]="--set rs.pool=all"
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
-  [ablation-no-refresh]="--set reward.refresh=false"
-  [ablation-rs-n16]="--set rs.n=16"
-  [ablation-rs-temp]="--set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
-  [ablation-ppo-from-v5]="--set campaign.ppo_from_round=5"
-  [ablation-sft-epochs8]="--set sft.epochs=8"
   [ablation-refresh-8]="--set reward.refresh_comparisons_per_prompt=8"
-  [ablation-refresh-32]="--set reward.refresh_comparisons_per_prompt=32"
-  [ablation-refresh-32-seed1]="--set reward.refresh_comparisons_per_prompt=32 --set seed=1"
-  [ablation-refresh-32-seed2]="--set reward.refresh_comparisons_per_prompt=32 --set seed=2"
-  [ablation-refresh-32-no-replay]="--set reward.refresh_comparisons_per_prompt=32 --set reward.refresh_replay=0"
-  [ablation-refresh-epochs2]="--set reward.refresh_epochs=2"
-  [ablation-rm-lr2e-3]="--set reward.helpful.learning_rate=2e-3 --set reward.safety.learning_rate=2e-3"
-  [ablation-ppo-strong]="--set ppo.learning_rate=3e-4 --set ppo.iterations=24"
-  [ablation-ppo-lr3e-4]="--set ppo.learning_rate=3e-4"
-  [ablation-safety-weight3]="--set sft.safety_weight=3"
-  [ablation-safety-weight3-seed1]="--set sft.safety_weight=3 --set seed=1"
-  [ablation-refresh-32-safety-weight3]="--set reward.refresh_comparisons_per_prompt=32 --set sft.safety_weight=3"
-  [default-seed1]="--set seed=1"
-  [default-seed2]="--set seed=2"
+  [ablation-refresh-16]="--set reward.refresh_comparisons_per_prompt=16"
+  [ablation-no-group-by-length]="$NOG"
+  [ablation-no-group-by-length-seed1]="$NOG --set seed=1"
+  [ablation-no-group-by-length-seed2]="$NOG --set seed=2"
+  [ablation-refresh-32-no-replay]="$NOG --set reward.refresh_replay=0"
+  [ablation-refresh-32-safety-weight3]="$NOG --set sft.safety_weight=3"
+  [previous-default]="$P"
+  [previous-default-seed1]="$P --set seed=1"
+  [previous-default-seed2]="$P --set seed=2"
+  [ablation-no-refresh]="$P --set reward.refresh=false"
+  [ablation-rs-n16]="$P --set rs.n=16"
+  [ablation-rs-temp]="$P --set rs.temperatures=[1.0,0.9,0.8,0.7,0.7]"
+  [ablation-ppo-from-v5]="$P --set campaign.ppo_from_round=5"
+  [ablation-sft-epochs8]="$P --set sft.epochs=8"
+  [ablation-refresh-epochs2]="$P --set reward.refresh_epochs=2"
+  [ablation-rm-lr2e-3]="$P --set reward.helpful.learning_rate=2e-3 --set reward.safety.learning_rate=2e-3"
+  [ablation-ppo-strong]="$P --set ppo.learning_rate=3e-4 --set ppo.iterations=24"
+  [ablation-ppo-lr3e-4]="$P --set ppo.learning_rate=3e-4"
+  [ablation-safety-weight3]="$P --set sft.safety_weight=3"
+  [ablation-safety-weight3-seed1]="$P --set sft.safety_weight=3 --set seed=1"
 )
-ORDER=(tinyworld-rs+ppo ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful ablation-scorer-safety
-       ablation-pool-all ablation-margin-none ablation-margin-large ablation-no-refresh
-       ablation-rs-n16 ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8
-       ablation-refresh-8 ablation-refresh-32 ablation-refresh-32-seed1 ablation-refresh-32-seed2
-       ablation-refresh-32-no-replay ablation-refresh-epochs2 ablation-rm-lr2e-3 ablation-ppo-strong
-       ablation-ppo-lr3e-4 ablation-safety-weight3
-       ablation-safety-weight3-seed1 ablation-refresh-32-safety-weight3
-       default-seed1 default-seed2)
+# The current default and the ablations on it first, then those on the previous default.
+ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
+       ablation-scorer-safety ablation-pool-all ablation-margin-none ablation-margin-large ablation-refresh-8
+       ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
+       ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
+       previous-default previous-default-seed1 previous-default-seed2 ablation-no-refresh ablation-rs-n16
+       ablation-rs-temp ablation-ppo-from-v5 ablation-sft-epochs8 ablation-refresh-epochs2 ablation-rm-lr2e-3
+       ablation-ppo-strong ablation-ppo-lr3e-4 ablation-safety-weight3 ablation-safety-weight3-seed1)
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
@@ -57,6 +66,7 @@ done
 # Every committed campaign side by side (results/compare), the last policies at 128 samples per eval prompt
 # (results/precise-eval, when every campaign was named), and the gold table of results/README.md.
 set +f
-"$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/ablation-* results/default-seed* --out results/compare
+"$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/default-seed* results/ablation-* results/previous-default* \
+  --out results/compare
 if [ $# -eq 0 ]; then "$BIN"/python scripts/precise_eval.py; fi
 "$BIN"/python scripts/results_table.py
