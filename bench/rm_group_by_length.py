@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--out", help="Also write the figures here (JSON).")
     args = ap.parse_args()
 
+    from iterative_rlhf.checkpoint import load_tokenizer
     from iterative_rlhf.config import load_recipe
     from iterative_rlhf.reward import _tokenize_pairs, evaluate_reward_models, rm_datasets, train_reward_model
-    from iterative_rlhf.checkpoint import load_tokenizer
     from iterative_rlhf.tinyworld.build import build_world
 
     recipe = load_recipe(None, [])

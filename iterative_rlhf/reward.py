@@ -406,7 +406,10 @@ def _length_grouped(trainer_cls: type) -> type:
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
             ds = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
-            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            # One bucket = one optimiser step over all processes: accelerate deals the loader's batches out to
+            # the processes in turn, so every process draws the same order (same seed) and takes its share.
+            step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return LengthBucketSampler(lengths, step,
                                        seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     return LengthGroupedTrainer
