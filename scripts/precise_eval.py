@@ -5,7 +5,8 @@ harmful eval prompts, so one violation moves the violation rate by 0.0125.
 This script samples 128 per prompt (640 harmful responses) from the last
 round's checkpoint of runs/NAME (the run directory that made results/NAME),
 writes results/precise-eval/NAME.json and results/precise-eval/README.md, and
-prints the table, with the mean and standard deviation over the seeds of the default (and of refresh 32).
+prints the table, with the mean and standard deviation over the seeds of the default (and of
+the no-group-by-length ablation and of the previous default).
 
 usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [NAME ...]   (no NAME = every campaign)
 """
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import campaigns  # noqa: E402
 
 SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
-         "refresh 32": ("ablation-refresh-32", "ablation-refresh-32-seed1", "ablation-refresh-32-seed2")}
+         "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
+                                "ablation-no-group-by-length-seed2"),
+         "previous default": ("previous-default", "previous-default-seed1", "previous-default-seed2")}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
 
