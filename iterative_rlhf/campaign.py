@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from .config import Recipe, load_recipe
-from .console import log
+from .console import log, warn
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
@@ -122,8 +122,25 @@ class Campaign:
                 if not force:
                     raise UserError(f"{self.dir}: this run directory was made by another recipe (config.yaml "
                                     "differs); use another --out, or --force to start it again with this recipe")
+                self._clear_outputs()
                 Manifest(self.dir).reset()
         atomic_write_text(cfg_path, self.recipe.to_yaml())
+
+    def _clear_outputs(self) -> None:
+        """Remove what an earlier recipe wrote here (rounds, RMs, reports, plots), so that --force starts again.
+
+        Resetting the manifest alone is not enough: a stage that resumes inside itself
+        (PPO from its last saved iteration) would take the other recipe's files as its own.
+        """
+        for p in self.dir.iterdir():
+            ours = p.name in ("rm", "plots", "report.json", "report.md", "report.html") or \
+                (p.name[:1] == "v" and p.name[1:].isdigit())
+            if ours:
+                warn(f"--force: removing {p} (made by another recipe)")
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
     def prepare(self) -> None:
         """The base policy and the prompts (TinyWorld is built first when the recipe uses it)."""

@@ -175,7 +175,9 @@ def test_refresh_replays_the_asked_share_of_earlier_comparisons(reference_run, w
     shutil.copytree(reference_run, d)
     sets = [a for a in small_args(world_config) if a != "--set"]
     sets += [f"reward.refresh_replay={ratio}", "reward.helpful.max_length=128"]  # no pair cut for length
-    campaign = Campaign(load_recipe(None, sets), d, force=True)
+    recipe = load_recipe(None, sets)
+    (d / "config.yaml").write_text(recipe.to_yaml())  # keep the reference run's rounds (--force would clear them)
+    campaign = Campaign(recipe, d)
     campaign.prepare()
     out = tmp_path / "refresh"
     campaign.refresh_rms(2, out=out)
@@ -192,6 +194,23 @@ def test_rerun_does_not_recompute(reference_run, world_config):
     run_cli(["round", "--n", str(ROUNDS), "--out", str(reference_run), *small_args(world_config)])
     assert time.time() - t < 60
     assert (reference_run / "manifest.json").read_text() == before
+
+
+def test_force_clears_what_another_recipe_wrote(reference_run, world_config, tmp_path):
+    """--force on a directory of another recipe starts again: no stage (PPO included) may reuse its files."""
+    import shutil
+
+    from iterative_rlhf.campaign import Campaign, Manifest
+    from iterative_rlhf.config import load_recipe
+
+    d = tmp_path / "run"
+    shutil.copytree(reference_run, d)
+    assert (d / "v1" / "ppo").is_dir()
+    sets = [a for a in small_args(world_config) if a != "--set"] + ["rs.n=2"]
+    Campaign(load_recipe(None, sets), d, force=True)
+    assert not [p.name for p in d.iterdir() if p.name.startswith("v") or p.name in ("rm", "plots", "report.json")]
+    assert Manifest(d).data == {"stages": {}}
+    assert load_recipe(d / "config.yaml").rs.n == 2
 
 
 def test_foreign_recipe_is_refused(reference_run, world_config):
