@@ -19,7 +19,7 @@ declare -A RUNS=(
   [ablation-mode-rs]="--mode rs"
   [ablation-mode-ppo]="--mode ppo"
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
-  [ablation-scorer-safety]="$P --set scorer.kind=safety"
+  [ablation-scorer-safety]="--set scorer.kind=safety"
   [ablation-pool-all]="--set rs.pool=all"
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
