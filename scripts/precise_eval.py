@@ -4,7 +4,8 @@ A campaign report samples 16 responses per eval prompt: 80 responses to the 5
 harmful eval prompts, so one violation moves the violation rate by 0.0125.
 This script samples 128 per prompt (640 harmful responses) from the last
 round's checkpoint of runs/NAME (the run directory that made results/NAME),
-writes results/precise-eval/NAME.json and results/precise-eval/README.md, and
+writes results/precise-eval/NAME.json and results/precise-eval/README.md (every campaign: with NAMEs,
+the others from their earlier NAME.json), and
 prints the table, with the mean and standard deviation over the seeds of the default (and of
 the no-group-by-length ablation and of the previous default).
 
@@ -29,6 +30,7 @@ from results_table import campaigns  # noqa: E402
 SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
                                 "ablation-no-group-by-length-seed2"),
+         "pool all": ("ablation-pool-all", "ablation-pool-all-seed1", "ablation-pool-all-seed2"),
          "previous default": ("previous-default", "previous-default-seed1", "previous-default-seed2")}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
@@ -79,7 +81,14 @@ def main() -> None:
     for name in names:
         rows.append(measure(name, args.samples, args.seed))
         print(f"{name}: gold {rows[-1]['gold']:.3f} violation {rows[-1]['violation_rate']:.4f}", flush=True)
-    if not args.names:  # the README covers every campaign
+    # The README covers every campaign: with NAMEs, the others come from their earlier JSON (same samples/seed).
+    measured = {r["name"]: r for r in rows}
+    earlier = {n: json.loads((OUT / f"{n}.json").read_text()) for n in campaigns()
+               if n not in measured and (OUT / f"{n}.json").is_file()}
+    complete = all(n in measured or (n in earlier and earlier[n]["samples_per_prompt"] == args.samples
+                                     and earlier[n]["seed"] == args.seed) for n in campaigns())
+    if complete:
+        rows = [measured.get(n) or earlier[n] for n in campaigns()]
         text = (f"# Last-round policies, {args.samples} samples per eval prompt\n\n"
                 "Made by:\n\n```bash\npython scripts/precise_eval.py\n```\n\n"
                 f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "

@@ -21,6 +21,8 @@ declare -A RUNS=(
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
   [ablation-scorer-safety]="--set scorer.kind=safety"
   [ablation-pool-all]="--set rs.pool=all"
+  [ablation-pool-all-seed1]="--set rs.pool=all --set seed=1"
+  [ablation-pool-all-seed2]="--set rs.pool=all --set seed=2"
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
   [ablation-refresh-8]="$NOG --set reward.refresh_comparisons_per_prompt=8"
@@ -47,7 +49,8 @@ declare -A RUNS=(
 )
 # The current default and the ablations on it first, then those on the previous default.
 ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
-       ablation-scorer-safety ablation-pool-all ablation-margin-none ablation-margin-large ablation-refresh-8
+       ablation-scorer-safety ablation-pool-all ablation-pool-all-seed1 ablation-pool-all-seed2
+       ablation-margin-none ablation-margin-large ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
        previous-default previous-default-seed1 previous-default-seed2 ablation-no-refresh ablation-rs-n16
@@ -64,9 +67,9 @@ for name in "${names[@]}"; do
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
 # Every committed campaign side by side (results/compare), the last policies at 128 samples per eval prompt
-# (results/precise-eval, when every campaign was named), and the gold table of results/README.md.
+# (results/precise-eval: the named ones re-measured, its README from all), and the gold table of results/README.md.
 set +f
 "$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/default-seed* results/ablation-* results/previous-default* \
   --out results/compare
-if [ $# -eq 0 ]; then "$BIN"/python scripts/precise_eval.py; fi
+"$BIN"/python scripts/precise_eval.py "$@"  # the named campaigns (all by default); README from every JSON
 "$BIN"/python scripts/results_table.py
