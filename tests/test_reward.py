@@ -233,3 +233,20 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny, tmp_path):
     grouped, seen_grouped = padded_tokens(_length_grouped(RewardTrainer))
     assert sorted(seen_grouped) == sorted(seen_plain) and len(seen_grouped) == 256  # every pair exactly once
     assert grouped < 0.8 * plain, (grouped, plain)
+
+
+def test_length_bucket_sampler_is_seeded_per_epoch_and_keeps_batches_tight():
+    from iterative_rlhf.reward import LengthBucketSampler
+
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    s = LengthBucketSampler(lengths, batch_size=10, mega=5, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(1000)) and list(s) == first  # a permutation; same epoch, same order
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(second) == list(range(1000)) and second != first
+    spread = [max(lengths[i] for i in first[j:j + 10]) - min(lengths[i] for i in first[j:j + 10])
+              for j in range(0, 1000, 10)]
+    assert sum(spread) / len(spread) < 30  # sorted neighbours in megabatches of 50 (random batches of 10: ~80)
+    starts = [lengths[first[j]] for j in range(0, 1000, 10)]
+    assert starts != sorted(starts) and starts != sorted(starts, reverse=True)  # batches in random order
