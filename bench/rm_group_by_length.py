@@ -23,11 +23,11 @@ from pathlib import Path
 def padding_ratio(lengths: list[int], batch: int, grouped: bool, seed: int) -> float:
     """Padded tokens / real tokens of one epoch's batches (both sequences of a pair padded to the longest)."""
     import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    g = torch.Generator().manual_seed(seed)
-    order = (get_length_grouped_indices(lengths, batch, generator=g) if grouped
-             else torch.randperm(len(lengths), generator=g).tolist())
+    from iterative_rlhf.reward import LengthBucketSampler
+
+    order = (list(LengthBucketSampler(lengths, batch, seed=seed)) if grouped
+             else torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist())
     padded = sum(2 * len(b) * max(lengths[i] for i in b) for b in
                  (order[i:i + batch] for i in range(0, len(order), batch)))
     return padded / (2 * sum(lengths))

@@ -117,7 +117,7 @@ class RewardModelConfig:
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
     center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
     group_by_length: bool = opt(True, "Batch pairs of similar length, the batches in random order: less "
-                                "padding, faster steps (TinyWorld: 1.7x).")
+                                "padding, faster steps (TinyWorld: 1.55x).")
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 
@@ -139,8 +139,8 @@ class RewardConfig:
                         "(TinyWorld's annotators; ignored without TinyWorld).")
     refresh_from: Literal["previous", "initial"] = opt(
         "previous", "Refresh: 'previous' = continue training the RMs of the round before on the new comparisons "
-        "plus as many replayed earlier ones (constant cost per round); 'initial' = retrain from the initial "
-        "checkpoint on every comparison so far (Llama 2; slower each round).")
+        "plus replayed earlier ones (reward.refresh_replay; constant cost per round); 'initial' = retrain from "
+        "the initial checkpoint on every comparison so far (Llama 2; slower each round).")
     refresh_comparisons_per_prompt: int = opt(32, "Refresh: new helpfulness comparisons per train prompt "
                                               "(safety: tinyworld.safety_comparisons_per_prompt).", min=1)
     refresh_epochs: float = opt(1.0, "Refresh: epochs over the new + replayed comparisons ('previous').", gt=0.0)

@@ -212,7 +212,7 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny, tmp_path):
     _, model, tok = tiny
     words = ["cold", "hot", "Paris", "Rome", "five", "two"]
     rows = []
-    for i in range(256):  # lengths from 1 to 16 words; transformers sorts megabatches of 8 batches here
+    for i in range(256):  # lengths from 1 to 16 words; 32 batches of 8: one megabatch, sorted
         n = 1 + (i * 7) % 16
         rows.append({"prompt": f"What is {i % 10} plus 1?", "chosen": " ".join(words[j % 6] for j in range(n)),
                      "rejected": "no", "level": "better", "margin": 0.5, "source": "t", "is_safety": False})
