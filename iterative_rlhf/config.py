@@ -241,6 +241,9 @@ class PPOConfig:
     gamma: float = opt(1.0, "GAE discount.", min=0.0, max=1.0)
     lam: float = opt(0.95, "GAE lambda.", min=0.0, max=1.0)
     temperature: float = opt(1.0, "Rollout temperature.", gt=0.0)
+    safety_weight: int = opt(1, "Times each safety-tagged train prompt is drawn per pass over the prompts "
+                             "(1 = as often as the others; more = more of each batch on safety prompts, as Llama "
+                             "2's safety RLHF).", min=1)
     value_init: Literal["reward", "policy"] = opt("reward", "Value model initial weights: the helpfulness RM "
                                                   "or the policy with a fresh scalar head.")
     eval_every: int = opt(4, "Evaluate held-out prompts' reward every k iterations (early stopping).", min=1)

@@ -1077,6 +1077,14 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
         warn(f"{n_cut} of {len(texts)} train prompts were longer than model.max_prompt_length="
              f"{recipe.model.max_prompt_length} tokens and were cut from the left")
     train_rows = [{**r, "prompt": t} for r, t in zip(prompts, texts, strict=True)]
+    draw_rows = train_rows  # what the iterations draw from: safety prompts ppo.safety_weight times
+    if cfg.safety_weight > 1:
+        from .sft import weighted_rows
+
+        draw_rows = weighted_rows(train_rows, cfg.safety_weight)
+        if len(draw_rows) == len(train_rows):
+            warn(f"ppo.safety_weight={cfg.safety_weight}: no train prompt has is_safety=true; every prompt is "
+                 "drawn equally often")
     eval_texts, _ = truncate_prompts(tokenizer, [r["prompt"] for r in eval_prompts], recipe.model.max_prompt_length)
     eval_rows = [{**r, "prompt": t} for r, t in zip(eval_prompts, eval_texts, strict=True)]
 
@@ -1155,8 +1163,8 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
                 # 1. rollout (vLLM first receives the weights of the last update)
                 with _quiet():
                     engine, sync_s, sync_how = _sync_engine(engine, models, recipe, out_dir, seed)
-                    idx = iteration_prompts(len(train_rows), cfg.batch_size, iteration, seed)
-                    rows = _shard([train_rows[i] for i in idx], accelerator)
+                    idx = iteration_prompts(len(draw_rows), cfg.batch_size, iteration, seed)
+                    rows = _shard([draw_rows[i] for i in idx], accelerator)
                     with models.autocast():
                         batch, comps = rollout(engine, tokenizer, [r["prompt"] for r in rows],
                                                temperature=cfg.temperature, max_new_tokens=max_new,
@@ -1197,6 +1205,7 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
                 m = {
                     "reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                     "kl": float(seq_kl.mean()), "non_score_reward": float(-cfg.kl_coef * seq_kl.mean()),
+                    "safety_share": sum(bool(r.get("is_safety", False)) for r in rows) / len(rows),
                     **upd,
                     "explained_variance": explained_variance(values, adv.returns, mask),
                     "value_mean": float(masked_mean(values, mask)),

@@ -517,6 +517,22 @@ def test_nan_reward_raises_numerical_error_naming_the_iteration(tiny_ckpt, tmp_p
                     whiten=WhitenStats(0.0, 1.0))
 
 
+def test_safety_weight_draws_safety_prompts_more_often(tiny_ckpt, tmp_path):
+    # 2 safety prompts of 8: drawn 2 in 8 times by default, 8 in 14 with ppo.safety_weight=4 (28 draws each)
+    prompts = [{"prompt": f"Add {i} and 1.", "is_safety": i < 2} for i in range(8)]
+    shares = {}
+    for w in (1, 4):
+        out = tmp_path / f"w{w}"
+        ppo.run_ppo(tiny_recipe("ppo.iterations=7", "ppo.eval_every=7", f"ppo.safety_weight={w}"),
+                    policy_path=str(tiny_ckpt), helpful_rm=str(tiny_ckpt), safety_rm=str(tiny_ckpt), out_dir=out,
+                    prompts=prompts, eval_prompts=prompts[:2], scorer=JudgeScorer(), whiten=WhitenStats(0.0, 1.0))
+        rows = [r for r in read_jsonl(out / "metrics.jsonl") if "safety_share" in r]
+        assert len(rows) == 7
+        shares[w] = sum(r["safety_share"] for r in rows) / len(rows)
+    assert 6 / 28 <= shares[1] <= 8 / 28  # 3 passes over the 8 prompts, then 4 of the next
+    assert shares[4] == pytest.approx(8 / 14)  # exactly 2 passes over the 14 weighted rows
+
+
 # --------------------------------------------------------------------------- the loop on TinyWorld (slow)
 
 
