@@ -7,11 +7,13 @@ set -euo pipefail
 set -f  # no globbing: arguments such as rs.temperatures=[1.0,0.9] stay as written
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
-# The previous default (before length-grouped RM batches and 32 refresh comparisons per train prompt): the
-# ablations that were not rerun on the current default are pinned to it, so their commands still make them.
-P="--set reward.refresh_comparisons_per_prompt=16 --set reward.helpful.group_by_length=false"
+# Older defaults pin the ablations that were not rerun on the current one, so their commands still make them:
+# PP = the previous default (RS pool = the previous round only); P = the one before (also no length-grouped RM
+# batches, 16 refresh comparisons per train prompt); NOG = PP without length-grouped RM batches.
+PP="--set rs.pool=previous"
+P="$PP --set reward.refresh_comparisons_per_prompt=16 --set reward.helpful.group_by_length=false"
 P+=" --set reward.safety.group_by_length=false"
-NOG="--set reward.helpful.group_by_length=false --set reward.safety.group_by_length=false"
+NOG="$PP --set reward.helpful.group_by_length=false --set reward.safety.group_by_length=false"
 declare -A RUNS=(
   [tinyworld-rs+ppo]=""
   [default-seed1]="--set seed=1"
@@ -20,13 +22,18 @@ declare -A RUNS=(
   [ablation-mode-ppo]="--mode ppo"
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
   [ablation-scorer-safety]="--set scorer.kind=safety"
-  [ablation-pool-all]="--set rs.pool=all"
-  [ablation-pool-all-seed1]="--set rs.pool=all --set seed=1"
-  [ablation-pool-all-seed2]="--set rs.pool=all --set seed=2"
+  [ablation-pool-previous]="$PP"
+  [ablation-pool-previous-seed1]="$PP --set seed=1"
+  [ablation-pool-previous-seed2]="$PP --set seed=2"
   [ablation-margin-none]="--set reward.helpful.margin=none --set reward.safety.margin=none"
   [ablation-margin-large]="--set reward.helpful.margin=large --set reward.safety.margin=large"
+  [ablation-sft-safety-weight3]="--set sft.safety_weight=3"
+  [ablation-sft-safety-weight3-seed1]="--set sft.safety_weight=3 --set seed=1"
+  [ablation-sft-safety-weight3-seed2]="--set sft.safety_weight=3 --set seed=2"
+  [ablation-ppo-safety-weight4]="--set ppo.safety_weight=4"
+  [ablation-ppo-safety-weight4-seed1]="--set ppo.safety_weight=4 --set seed=1"
   [ablation-refresh-8]="$NOG --set reward.refresh_comparisons_per_prompt=8"
-  [ablation-refresh-16]="--set reward.refresh_comparisons_per_prompt=16"
+  [ablation-refresh-16]="$PP --set reward.refresh_comparisons_per_prompt=16"
   [ablation-no-group-by-length]="$NOG"
   [ablation-no-group-by-length-seed1]="$NOG --set seed=1"
   [ablation-no-group-by-length-seed2]="$NOG --set seed=2"
@@ -49,8 +56,10 @@ declare -A RUNS=(
 )
 # The current default and the ablations on it first, then those on the previous default.
 ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
-       ablation-scorer-safety ablation-pool-all ablation-pool-all-seed1 ablation-pool-all-seed2
-       ablation-margin-none ablation-margin-large ablation-refresh-8
+       ablation-scorer-safety ablation-pool-previous ablation-pool-previous-seed1 ablation-pool-previous-seed2
+       ablation-margin-none ablation-margin-large ablation-sft-safety-weight3 ablation-sft-safety-weight3-seed1
+       ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
+       ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
        previous-default previous-default-seed1 previous-default-seed2 ablation-no-refresh ablation-rs-n16
