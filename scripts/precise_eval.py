@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_table import campaigns  # noqa: E402
 
 SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
-         "pool previous": ("ablation-pool-previous", "ablation-pool-previous-seed1", "ablation-pool-previous-seed2"),
+         "pool previous (the previous default)": ("ablation-pool-previous", "ablation-pool-previous-seed1",
+                                                  "ablation-pool-previous-seed2"),
          "sft safety weight 3": ("ablation-sft-safety-weight3", "ablation-sft-safety-weight3-seed1",
                                  "ablation-sft-safety-weight3-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
                                 "ablation-no-group-by-length-seed2"),
-         "previous default": ("previous-default", "previous-default-seed1", "previous-default-seed2")}
+         "previous-default (P)": ("previous-default", "previous-default-seed1", "previous-default-seed2")}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
 
