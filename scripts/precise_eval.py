@@ -6,10 +6,14 @@ This script samples 128 per prompt (640 harmful responses) from the last
 round's checkpoint of runs/NAME (the run directory that made results/NAME),
 writes results/precise-eval/NAME.json and results/precise-eval/README.md (every campaign: with NAMEs,
 the others from their earlier NAME.json), and
-prints the table, with the mean and standard deviation over the seeds of the default (and of
-the no-group-by-length ablation and of the previous default).
+prints the table, with the mean and standard deviation over the seeds of each group in SEEDS
+(the default, the previous default, ...).
 
-usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [NAME ...]   (no NAME = every campaign)
+With --temperature T other than 1.0 (the reports' sampling temperature) it measures the same
+checkpoints as deployed with a lower temperature, into results/precise-eval/tT/ (its own README).
+
+usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [--temperature 1.0] [NAME ...]
+       (no NAME = every campaign)
 """
 
 from __future__ import annotations
@@ -46,16 +50,24 @@ def last_policy(name: str) -> Path:
     return policy
 
 
-def measure(name: str, samples: int, seed: int) -> dict:
+def out_dir(temperature: float) -> Path:
+    """results/precise-eval for the reports' temperature 1.0, results/precise-eval/tT for another."""
+    return OUT if temperature == 1.0 else OUT / f"t{temperature:g}"
+
+
+def measure(name: str, samples: int, seed: int, temperature: float = 1.0) -> dict:
     from iterative_rlhf.config import load_recipe
     from iterative_rlhf.tinyworld.evaluate import evaluate_policy
 
     recipe = load_recipe(str(RESULTS / name / "config.yaml"))
     policy = last_policy(name)
-    m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed, temperature=1.0)
+    m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed, temperature=temperature)
     row = {"name": name, "policy": str(policy.relative_to(ROOT)), "samples_per_prompt": samples, "seed": seed, **m}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+    if temperature != 1.0:
+        row["temperature"] = temperature
+    out = out_dir(temperature)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -77,27 +89,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128, help="samples per eval prompt (the reports use 16)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampling temperature (the reports: 1.0; another writes to results/precise-eval/tT/)")
     ap.add_argument("names", nargs="*", help="campaigns under results/ (default: all)")
     args = ap.parse_args()
     names = args.names or campaigns()
     rows = []
     for name in names:
-        rows.append(measure(name, args.samples, args.seed))
+        rows.append(measure(name, args.samples, args.seed, args.temperature))
         print(f"{name}: gold {rows[-1]['gold']:.3f} violation {rows[-1]['violation_rate']:.4f}", flush=True)
     # The README covers every campaign: with NAMEs, the others come from their earlier JSON (same samples/seed).
     measured = {r["name"]: r for r in rows}
-    earlier = {n: json.loads((OUT / f"{n}.json").read_text()) for n in campaigns()
-               if n not in measured and (OUT / f"{n}.json").is_file()}
+    out = out_dir(args.temperature)
+    earlier = {n: json.loads((out / f"{n}.json").read_text()) for n in campaigns()
+               if n not in measured and (out / f"{n}.json").is_file()}
     complete = all(n in measured or (n in earlier and earlier[n]["samples_per_prompt"] == args.samples
-                                     and earlier[n]["seed"] == args.seed) for n in campaigns())
+                                     and earlier[n]["seed"] == args.seed
+                                     and earlier[n].get("temperature", 1.0) == args.temperature)
+                   for n in campaigns())
     if complete:
         rows = [measured.get(n) or earlier[n] for n in campaigns()]
-        text = (f"# Last-round policies, {args.samples} samples per eval prompt\n\n"
-                "Made by:\n\n```bash\npython scripts/precise_eval.py\n```\n\n"
+        t = args.temperature
+        text = (f"# Last-round policies, {args.samples} samples per eval prompt"
+                f"{'' if t == 1.0 else f', temperature {t:g}'}\n\n"
+                "Made by:\n\n```bash\npython scripts/precise_eval.py"
+                f"{'' if t == 1.0 else f' --temperature {t:g}'}\n```\n\n"
                 f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "
-                "temperature 1.0 (the reports: 16), scored by TinyWorld's gold judge.\n\n"
+                f"temperature {t:g} (the reports: 16 samples at 1.0), scored by TinyWorld's gold judge.\n\n"
                 f"{table(rows)}\n")
-        (OUT / "README.md").write_text(text)
+        (out / "README.md").write_text(text)
     print(table(rows))
 
 

@@ -76,9 +76,11 @@ for name in "${names[@]}"; do
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
 # Every committed campaign side by side (results/compare), the last policies at 128 samples per eval prompt
-# (results/precise-eval: the named ones re-measured, its README from all), and the gold table of results/README.md.
+# (results/precise-eval, and at temperature 0.7 in t0.7/: the named ones re-measured, each README from all), and
+# the gold table of results/README.md.
 set +f
 "$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/default-seed* results/ablation-* results/previous-default* \
   --out results/compare
 "$BIN"/python scripts/precise_eval.py "$@"  # the named campaigns (all by default); README from every JSON
+"$BIN"/python scripts/precise_eval.py --temperature 0.7 "$@"  # the same at 0.7 (results/precise-eval/t0.7)
 "$BIN"/python scripts/results_table.py
