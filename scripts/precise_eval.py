@@ -36,6 +36,8 @@ SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
                                                   "ablation-pool-previous-seed2"),
          "sft safety weight 3": ("ablation-sft-safety-weight3", "ablation-sft-safety-weight3-seed1",
                                  "ablation-sft-safety-weight3-seed2"),
+         "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
+                                   "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
                                 "ablation-no-group-by-length-seed2"),
          "previous-default (P)": ("previous-default", "previous-default-seed1", "previous-default-seed2")}

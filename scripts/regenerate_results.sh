@@ -32,6 +32,9 @@ declare -A RUNS=(
   [ablation-sft-safety-weight3-seed2]="--set sft.safety_weight=3 --set seed=2"
   [ablation-ppo-safety-weight4]="--set ppo.safety_weight=4"
   [ablation-ppo-safety-weight4-seed1]="--set ppo.safety_weight=4 --set seed=1"
+  [ablation-no-refresh-before-ppo]="--set reward.refresh_before_ppo=false"
+  [ablation-no-refresh-before-ppo-seed1]="--set reward.refresh_before_ppo=false --set seed=1"
+  [ablation-no-refresh-before-ppo-seed2]="--set reward.refresh_before_ppo=false --set seed=2"
   [ablation-refresh-8]="$NOG --set reward.refresh_comparisons_per_prompt=8"
   [ablation-refresh-16]="$PP --set reward.refresh_comparisons_per_prompt=16"
   [ablation-no-group-by-length]="$NOG"
@@ -59,6 +62,7 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mo
        ablation-scorer-safety ablation-pool-previous ablation-pool-previous-seed1 ablation-pool-previous-seed2
        ablation-margin-none ablation-margin-large ablation-sft-safety-weight3 ablation-sft-safety-weight3-seed1
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
+       ablation-no-refresh-before-ppo ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
