@@ -32,6 +32,7 @@ declare -A RUNS=(
   [ablation-sft-safety-weight3-seed2]="--set sft.safety_weight=3 --set seed=2"
   [ablation-ppo-safety-weight4]="--set ppo.safety_weight=4"
   [ablation-ppo-safety-weight4-seed1]="--set ppo.safety_weight=4 --set seed=1"
+  [ablation-policy-h144]="--set tinyworld.hidden_size=144"
   [ablation-rs-top2]="--set rs.top_k=2"
   [ablation-rs-top2-seed1]="--set rs.top_k=2 --set seed=1"
   [ablation-no-refresh-before-ppo]="--set reward.refresh_before_ppo=false"
@@ -65,7 +66,7 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mo
        ablation-margin-none ablation-margin-large ablation-sft-safety-weight3 ablation-sft-safety-weight3-seed1
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
        ablation-no-refresh-before-ppo ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2
-       ablation-rs-top2 ablation-rs-top2-seed1
+       ablation-rs-top2 ablation-rs-top2-seed1 ablation-policy-h144
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
