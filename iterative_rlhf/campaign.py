@@ -107,6 +107,7 @@ class Campaign:
         self.train_prompts: list[dict] = []
         self.eval_prompts: list[dict] = []
         self.holdout_prompts: list[dict] = []
+        self.ppo_prompts: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -165,19 +166,22 @@ class Campaign:
         if r.reward.refresh and self.world is None:
             log("reward.refresh: ignored; it needs TinyWorld's annotators (refresh a real campaign's RMs with new "
                 "preference files in reward.<kind>.data)")
-        # 1 in 8 train prompts (by hash) is held out for PPO's early stopping: neither rejection sampling nor
-        # PPO trains on them, so their reward measures what the policy generalises to, not what it memorised.
+        # 1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: PPO never trains on
+        # them, so their reward measures what PPO's updates generalise to, not what they memorised.
         def held_out(p: dict) -> bool:
             return int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0
 
         self.holdout_prompts = [p for p in train if held_out(p)]
+        ppo_train = train
         if len(self.holdout_prompts) < len(train):
-            train = [p for p in train if not held_out(p)]
+            ppo_train = [p for p in train if not held_out(p)]
         else:  # every prompt hashes into the held-out set (tiny prompt files): train on them all
             log("campaign: every train prompt falls in the held-out set; PPO's early stopping will see trained prompts")
-        self.train_prompts = train
-        if r.rs.prompts:
-            self.train_prompts = train[: r.rs.prompts]
+        # campaign.holdout_from: 'ppo' = rejection sampling (and its SFT, and the RM refreshes) use every train
+        # prompt, PPO trains on the others; 'rs+ppo' = neither stage sees the held-out prompts.
+        rs_train = train if r.campaign.holdout_from == "ppo" else ppo_train
+        self.train_prompts = rs_train[: r.rs.prompts] if r.rs.prompts else rs_train
+        self.ppo_prompts = ppo_train[: r.rs.prompts] if r.rs.prompts else ppo_train
 
     def seed(self, k: int, stage: str) -> int:
         return self.recipe.seed * 100_000 + k * 100 + STAGE_SEEDS[stage]
@@ -488,7 +492,7 @@ class Campaign:
         # launched: `ppo --round k` runs this same method in each process (the same start, RMs and whitening)
         if not self.launched(["ppo", "--round", str(k), "--out", str(self.dir)], f"v{k}/ppo"):
             run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
-                    out_dir=d / "ppo", prompts=self.train_prompts, eval_prompts=self.holdout_prompts,
+                    out_dir=d / "ppo", prompts=self.ppo_prompts, eval_prompts=self.holdout_prompts,
                     whiten=whiten, seed=self.seed(k, "ppo"), eval_metrics=eval_metrics)
         history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
         trained = [row for row in history if "reward" in row]  # iteration 0 is the evaluation before training

@@ -279,6 +279,10 @@ class CampaignConfig:
                               "and the 7B recipes: 5, RS only until V4; TinyWorld: 1, every round, which "
                               "results/ablation-ppo-from-v5 compares).", min=1)
     eval_samples: int = opt(16, "Samples per eval prompt in the reports.", min=1)
+    holdout_from: Literal["ppo", "rs+ppo"] = opt(
+        "rs+ppo", "1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: 'ppo' keeps "
+        "them out of PPO only (rejection sampling, its fine-tuning and the RM refreshes use every train prompt), "
+        "'rs+ppo' out of both.")
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")

@@ -38,6 +38,14 @@ declare -A RUNS=(
   [ablation-no-refresh-before-ppo]="--set reward.refresh_before_ppo=false"
   [ablation-no-refresh-before-ppo-seed1]="--set reward.refresh_before_ppo=false --set seed=1"
   [ablation-no-refresh-before-ppo-seed2]="--set reward.refresh_before_ppo=false --set seed=2"
+  [ablation-sft-init-previous]="--set sft.init=previous"
+  [ablation-sft-init-previous-e2]="--set sft.init=previous --set sft.epochs=2"
+  [ablation-sft-init-previous-e2-seed1]="--set sft.init=previous --set sft.epochs=2 --set seed=1"
+  [ablation-sft-init-previous-e2-seed2]="--set sft.init=previous --set sft.epochs=2 --set seed=2"
+  [ablation-sft-init-previous-e2-holdout-ppo]="--set sft.init=previous --set sft.epochs=2 --set campaign.holdout_from=ppo"
+  [ablation-holdout-ppo]="--set campaign.holdout_from=ppo"
+  [ablation-holdout-ppo-seed1]="--set campaign.holdout_from=ppo --set seed=1"
+  [ablation-sft-epochs8-pool-all]="--set sft.epochs=8"
   [ablation-refresh-8]="$NOG --set reward.refresh_comparisons_per_prompt=8"
   [ablation-refresh-16]="$PP --set reward.refresh_comparisons_per_prompt=16"
   [ablation-no-group-by-length]="$NOG"
@@ -67,6 +75,9 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mo
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
        ablation-no-refresh-before-ppo ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2
        ablation-rs-top2 ablation-rs-top2-seed1 ablation-policy-h144
+       ablation-sft-init-previous ablation-sft-init-previous-e2 ablation-sft-init-previous-e2-seed1
+       ablation-sft-init-previous-e2-seed2 ablation-sft-init-previous-e2-holdout-ppo ablation-holdout-ppo
+       ablation-holdout-ppo-seed1 ablation-sft-epochs8-pool-all
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3

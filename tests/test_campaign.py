@@ -263,3 +263,21 @@ def test_rs_and_ppo_stages_on_their_own(world, world_config, tmp_path):
     assert main(["ppo", "--round", "1", *args]) == 0
     assert (out / "v1" / "ppo" / "policy" / "config.json").is_file()
     assert main(["rs", "--round", "3", *args]) == 2  # round 2 has not finished
+
+
+@pytest.mark.parametrize("holdout_from", ["rs+ppo", "ppo"])
+def test_held_out_prompts_never_reach_ppo(world, world_config, tmp_path, holdout_from):
+    """campaign.holdout_from: PPO never trains on its held-out prompts; 'ppo' lets rejection sampling use them."""
+    from iterative_rlhf.campaign import Campaign
+    from iterative_rlhf.config import load_recipe
+    from iterative_rlhf.tinyworld.world import get_prompts
+
+    sets = [f"tinyworld.{k}={v}" for k, v in vars(world_config).items()] + [f"campaign.holdout_from={holdout_from}"]
+    campaign = Campaign(load_recipe(None, sets), tmp_path / "run")
+    campaign.prepare()
+    held = {p["prompt"] for p in campaign.holdout_prompts}
+    ppo = {p["prompt"] for p in campaign.ppo_prompts}
+    rs = {p["prompt"] for p in campaign.train_prompts}
+    assert held and ppo and not held & ppo
+    assert ppo | held == {p.text for p in get_prompts("train")}
+    assert rs == (ppo | held if holdout_from == "ppo" else ppo)
