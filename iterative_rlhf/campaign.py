@@ -93,6 +93,11 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def is_held_out(prompt: str) -> bool:
+    """Whether a train prompt is one of the 1 in 8 (by SHA-256) that PPO holds out for its early stopping."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 8 == 0
+
+
 class Campaign:
     """One run directory and the recipe that owns it."""
 
@@ -169,7 +174,7 @@ class Campaign:
         # 1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: PPO never trains on
         # them, so their reward measures what PPO's updates generalise to, not what they memorised.
         def held_out(p: dict) -> bool:
-            return int(hashlib.sha256(p["prompt"].encode()).hexdigest(), 16) % 8 == 0
+            return is_held_out(p["prompt"])
 
         self.holdout_prompts = [p for p in train if held_out(p)]
         ppo_train = train
