@@ -39,6 +39,13 @@ SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
          "sft from the previous round, 2 epochs": ("ablation-sft-init-previous-e2",
                                                    "ablation-sft-init-previous-e2-seed1",
                                                    "ablation-sft-init-previous-e2-seed2"),
+         "sft from the previous round, 2 epochs, safety weight 3": (
+             "ablation-sft-init-previous-e2-safety-weight3", "ablation-sft-init-previous-e2-safety-weight3-seed1",
+             "ablation-sft-init-previous-e2-safety-weight3-seed2"),
+         "the same, PPO's held-out prompts in RS": (
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2"),
          "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",

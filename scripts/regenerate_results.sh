@@ -43,6 +43,12 @@ declare -A RUNS=(
   [ablation-sft-init-previous-e2-seed1]="--set sft.init=previous --set sft.epochs=2 --set seed=1"
   [ablation-sft-init-previous-e2-seed2]="--set sft.init=previous --set sft.epochs=2 --set seed=2"
   [ablation-sft-init-previous-e2-holdout-ppo]="--set sft.init=previous --set sft.epochs=2 --set campaign.holdout_from=ppo"
+  [ablation-sft-init-previous-e2-safety-weight3]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3"
+  [ablation-sft-init-previous-e2-safety-weight3-seed1]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set seed=1"
+  [ablation-sft-init-previous-e2-safety-weight3-seed2]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set seed=2"
+  [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo"
+  [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=1"
+  [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=2"
   [ablation-holdout-ppo]="--set campaign.holdout_from=ppo"
   [ablation-holdout-ppo-seed1]="--set campaign.holdout_from=ppo --set seed=1"
   [ablation-sft-epochs8-pool-all]="--set sft.epochs=8"
@@ -77,7 +83,11 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mo
        ablation-rs-top2 ablation-rs-top2-seed1 ablation-policy-h144
        ablation-sft-init-previous ablation-sft-init-previous-e2 ablation-sft-init-previous-e2-seed1
        ablation-sft-init-previous-e2-seed2 ablation-sft-init-previous-e2-holdout-ppo ablation-holdout-ppo
-       ablation-holdout-ppo-seed1 ablation-sft-epochs8-pool-all
+       ablation-holdout-ppo-seed1 ablation-sft-epochs8-pool-all ablation-sft-init-previous-e2-safety-weight3
+       ablation-sft-init-previous-e2-safety-weight3-seed1 ablation-sft-init-previous-e2-safety-weight3-seed2
+       ablation-sft-init-previous-e2-safety-weight3-holdout-ppo
+       ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1
+       ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
