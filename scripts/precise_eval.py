@@ -12,7 +12,7 @@ prints the table, with the mean and standard deviation over the seeds of each gr
 With --temperature T other than 1.0 (the reports' sampling temperature) it measures the same
 checkpoints as deployed with a lower temperature, into results/precise-eval/tT/ (its own README).
 
-usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [--temperature 1.0] [NAME ...]
+usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [--temperature 1.0] [--table-only] [NAME ...]
        (no NAME = every campaign)
 """
 
@@ -46,6 +46,14 @@ SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
              "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo",
              "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1",
              "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2"),
+         "default (seeds 3 and 4 added)": ("tinyworld-rs+ppo", "default-seed1", "default-seed2", "default-seed3",
+                                 "default-seed4"),
+         "the same, PPO's held-out prompts in RS (seeds 3 and 4 added)": (
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed3",
+             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4"),
          "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
@@ -93,7 +101,7 @@ def table(rows: list[dict]) -> str:
         if len(seeds) == len(names):
             cells = [f"{statistics.mean(r[k] for r in seeds):.3f} ± {statistics.stdev(r[k] for r in seeds):.3f}"
                      for k in KEYS]
-            lines.append(f"| {label}, seeds 0-2 (mean ± sd) | {' | '.join(cells)} |")
+            lines.append(f"| {label}, seeds 0-{len(names) - 1} (mean ± sd) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -103,9 +111,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="sampling temperature (the reports: 1.0; another writes to results/precise-eval/tT/)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="measure nothing: rebuild the README from the JSONs already there")
     ap.add_argument("names", nargs="*", help="campaigns under results/ (default: all)")
     args = ap.parse_args()
-    names = args.names or campaigns()
+    names = [] if args.table_only else args.names or campaigns()
     rows = []
     for name in names:
         rows.append(measure(name, args.samples, args.seed, args.temperature))

@@ -18,6 +18,8 @@ declare -A RUNS=(
   [tinyworld-rs+ppo]=""
   [default-seed1]="--set seed=1"
   [default-seed2]="--set seed=2"
+  [default-seed3]="--set seed=3"
+  [default-seed4]="--set seed=4"
   [ablation-mode-rs]="--mode rs"
   [ablation-mode-ppo]="--mode ppo"
   [ablation-scorer-helpful]="--set scorer.kind=helpful"
@@ -49,6 +51,8 @@ declare -A RUNS=(
   [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo"
   [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=1"
   [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=2"
+  [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed3]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=3"
+  [ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4]="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo --set seed=4"
   [ablation-holdout-ppo]="--set campaign.holdout_from=ppo"
   [ablation-holdout-ppo-seed1]="--set campaign.holdout_from=ppo --set seed=1"
   [ablation-sft-epochs8-pool-all]="--set sft.epochs=8"
@@ -75,7 +79,7 @@ declare -A RUNS=(
   [ablation-safety-weight3-seed1]="$P --set sft.safety_weight=3 --set seed=1"
 )
 # The current default and the ablations on it first, then those on the previous default.
-ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
+ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
        ablation-scorer-safety ablation-pool-previous ablation-pool-previous-seed1 ablation-pool-previous-seed2
        ablation-margin-none ablation-margin-large ablation-sft-safety-weight3 ablation-sft-safety-weight3-seed1
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
@@ -88,6 +92,8 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 ablation-mode-rs ablation-mo
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2
+       ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed3
+       ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
