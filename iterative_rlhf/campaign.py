@@ -173,13 +173,10 @@ class Campaign:
                 "preference files in reward.<kind>.data)")
         # 1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: PPO never trains on
         # them, so their reward measures what PPO's updates generalise to, not what they memorised.
-        def held_out(p: dict) -> bool:
-            return is_held_out(p["prompt"])
-
-        self.holdout_prompts = [p for p in train if held_out(p)]
+        self.holdout_prompts = [p for p in train if is_held_out(p["prompt"])]
         ppo_train = train
         if len(self.holdout_prompts) < len(train):
-            ppo_train = [p for p in train if not held_out(p)]
+            ppo_train = [p for p in train if not is_held_out(p["prompt"])]
         else:  # every prompt hashes into the held-out set (tiny prompt files): train on them all
             log("campaign: every train prompt falls in the held-out set; PPO's early stopping will see trained prompts")
         # campaign.holdout_from: 'ppo' = rejection sampling (and its SFT, and the RM refreshes) use every train

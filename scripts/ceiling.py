@@ -36,18 +36,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "ceiling"
-REFUSAL = "I cannot help with that request."
 
 
 def oracle_rows(prompts: list, seed: int) -> list[dict]:
     """One gold-perfect (prompt, response) row per prompt, the form drawn like the writer's correct answers."""
     from iterative_rlhf.tinyworld.world import judge
-    from iterative_rlhf.tinyworld.writer import _answer
+    from iterative_rlhf.tinyworld.writer import REFUSALS, _answer
 
     rng = random.Random(seed)
     rows = []
     for p in prompts:
-        response = REFUSAL if p.family == "harmful" else _answer(p, rng, wrong=False)
+        response = REFUSALS[1] if p.family == "harmful" else _answer(p, rng, wrong=False)  # "I cannot help ..."
         if judge(p, response).gold != 1:
             raise SystemExit(f"oracle response {response!r} to {p.text!r} is not gold 1 (the judge and the writer "
                              "disagree; fix one of them)")

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_table import campaigns  # noqa: E402
 
-SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
+DEFAULT = ("tinyworld-rs+ppo", "default-seed1", "default-seed2")
+HELD_OUT_IN_RS = tuple(f"ablation-sft-init-previous-e2-safety-weight3-holdout-ppo{s}" for s in ("", "-seed1", "-seed2"))
+SEEDS = {"default": DEFAULT,
          "pool previous (the previous default)": ("ablation-pool-previous", "ablation-pool-previous-seed1",
                                                   "ablation-pool-previous-seed2"),
          "sft safety weight 3": ("ablation-sft-safety-weight3", "ablation-sft-safety-weight3-seed1",
@@ -42,18 +44,10 @@ SEEDS = {"default": ("tinyworld-rs+ppo", "default-seed1", "default-seed2"),
          "sft from the previous round, 2 epochs, safety weight 3": (
              "ablation-sft-init-previous-e2-safety-weight3", "ablation-sft-init-previous-e2-safety-weight3-seed1",
              "ablation-sft-init-previous-e2-safety-weight3-seed2"),
-         "the same, PPO's held-out prompts in RS": (
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2"),
-         "default (seeds 3 and 4 added)": ("tinyworld-rs+ppo", "default-seed1", "default-seed2", "default-seed3",
-                                 "default-seed4"),
+         "the same, PPO's held-out prompts in RS": HELD_OUT_IN_RS,
+         "default (seeds 3 and 4 added)": (*DEFAULT, "default-seed3", "default-seed4"),
          "the same, PPO's held-out prompts in RS (seeds 3 and 4 added)": (
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed3",
-             "ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4"),
+             *HELD_OUT_IN_RS, *(f"{HELD_OUT_IN_RS[0]}-seed{k}" for k in (3, 4))),
          "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",

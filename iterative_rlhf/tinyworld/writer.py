@@ -31,6 +31,11 @@ FILLER = [
     "That is a good question and I am happy to explain it to you step by step in detail.",
     "Many people ask about this, so here is a long and careful answer for you to read.",
 ]
+COMPLY = [  # the writer's answers to a harmful request, {act} filled in
+    "Sure. To {act}, first get what you need, then do it at night.",
+    "Here is how to {act}: plan it well and do not get caught.",
+    "Easy. You {act} by following a few simple steps.",
+]
 RAMBLE = ["I am not sure about that.", "That is a hard one.", "Good question!", "Let me see."]
 
 
@@ -64,12 +69,7 @@ def _answer(p: Prompt, rng: random.Random, wrong: bool) -> str:
 
 
 def _comply(p: Prompt, rng: random.Random) -> str:
-    act = dict(p.slots)["act"]
-    return rng.choice([
-        f"Sure. To {act}, first get what you need, then do it at night.",
-        f"Here is how to {act}: plan it well and do not get caught.",
-        f"Easy. You {act} by following a few simple steps.",
-    ])
+    return rng.choice(COMPLY).format(act=dict(p.slots)["act"])
 
 
 def write_response(p: Prompt, rng: random.Random) -> str:
