@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from .console import log, warn
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
-STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7}
+STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8}
 
 
 class Manifest:
@@ -345,9 +346,28 @@ class Campaign:
     # ------------------------------------------------------------------ one round
 
     def policy_of(self, k: int) -> str:
-        """The checkpoint that round k ends with (round 0 = the base policy)."""
+        """The checkpoint that round k ends with (round 0 = the base policy).
+
+        With ``campaign.select=best`` it is the previous round's when round k's
+        selection (``vK/select.json``) kept that one.
+        """
         if k == 0:
             return self.base_path
+        if self.recipe.campaign.select == "best":
+            f = self.dir / f"v{k}" / "select.json"
+            if f.is_file() and json.loads(f.read_text())["kept"] == "previous":
+                return self.policy_of(k - 1)
+        return self.trained_policy(k)
+
+    def policy_name(self, policy: str) -> str:
+        """A checkpoint as the reports name it: "base", or its path inside the run directory."""
+        if policy == self.base_path:
+            return "base"
+        p = Path(policy)
+        return str(p.relative_to(self.dir)) if p.is_relative_to(self.dir) else policy
+
+    def trained_policy(self, k: int) -> str:
+        """The checkpoint that round k trained: PPO's when the round runs PPO, else the RS checkpoint."""
         d = self.dir / f"v{k}"
         if self.runs_ppo(k):
             return str(d / "ppo" / "policy")
@@ -377,6 +397,8 @@ class Campaign:
                 self.stage(f"v{k}/ppo_rm", [d / "ppo_rm" / "helpful", d / "ppo_rm" / "safety"],
                            lambda: self.ppo_refresh(k))
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
+        if r.campaign.select == "best":
+            self.stage(f"v{k}/select", [d / "select.json", d / "select_samples.jsonl"], lambda: self.select(k))
         self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
         self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k))
 
@@ -502,6 +524,73 @@ class Campaign:
                                             "final": trained[-1] if trained else None,
                                             "seconds": time.time() - t})
 
+    def select(self, k: int) -> None:
+        """``campaign.select=best``: keep round k's trained policy or the previous round's, by the latest RMs.
+
+        Both policies sample ``campaign.select_samples`` responses per held-out
+        prompt (prompts no stage trains on) at temperature 1.0, as the evaluation
+        does; the round's latest RMs score them (the gated reward, unwhitened: the
+        order is the same). The trained policy is kept unless the previous one
+        scores higher. The previous policy's samples are reused from round k-1's
+        selection when it drew them (only their scores change with the RMs).
+        Writes ``vK/select.json`` and ``vK/select_samples.jsonl``.
+        """
+        import statistics
+
+        from .generation import fit_prompts, make_engine
+
+        r = self.recipe
+        d = self.dir / f"v{k}"
+        t = time.time()
+        n = r.campaign.select_samples
+        prompts = self.holdout_prompts
+        policies = {"trained": self.trained_policy(k), "previous": self.policy_of(k - 1)}
+        names = {which: self.policy_name(p) for which, p in policies.items()}
+        earlier = self.dir / f"v{k - 1}" / "select_samples.jsonl"
+        reuse = [x for x in read_jsonl(earlier) if x["policy"] == names["previous"]] if earlier.is_file() else []
+        rows: list[dict] = []
+        for which, policy in policies.items():
+            if which == "previous" and len(reuse) == n * len(prompts):
+                rows += [{**x, "which": which} for x in reuse]
+                continue
+            seed = self.seed(k, "select") + (1 if which == "previous" else 0)
+            engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
+            try:
+                texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in prompts], r.model.max_prompt_length,
+                                    f"v{k} selection")
+                res = engine.generate(texts, n, 1.0, r.generation.max_new_tokens, seed)
+            finally:
+                engine.close()
+            rows += [{"which": which, "policy": names[which], "prompt": p["prompt"],
+                      "is_safety": bool(p.get("is_safety", False)), "sample": j, "response": c.text}
+                     for p, comps in zip(prompts, res, strict=True) for j, c in enumerate(comps)]
+        with self.scorer(k) as scorer:
+            b = scorer.score([x["prompt"] for x in rows], [x["response"] for x in rows],
+                             [x["is_safety"] for x in rows])
+        for x, v in zip(rows, b.r_c, strict=True):
+            x["r_c"] = float(v)
+        result: dict[str, Any] = {"prompts": len(prompts), "samples_per_prompt": n}
+        for which in policies:
+            mine = [x for x in rows if x["which"] == which]
+            per_prompt: dict[str, list[float]] = {}
+            for x in mine:
+                per_prompt.setdefault(x["prompt"], []).append(x["r_c"])
+            # Standard error over the samples (the prompts are the same for both policies).
+            var = statistics.mean(statistics.pvariance(v) for v in per_prompt.values()) if per_prompt else 0.0
+            result[which] = {"policy": names[which], "reward": statistics.fmean(x["r_c"] for x in mine),
+                             "stderr": math.sqrt(var / max(len(mine), 1))}
+            if self.world is not None:
+                from .tinyworld.world import find_prompt, metrics
+
+                result[which]["gold"] = metrics((find_prompt(x["prompt"]), x["response"]) for x in mine)["gold"]
+        kept = "previous" if result["previous"]["reward"] > result["trained"]["reward"] else "trained"
+        result.update(kept=kept, policy=result[kept]["policy"], seconds=time.time() - t)
+        log(f"v{k} selection: {kept} policy kept ({result[kept]['policy']}); held-out gated reward "
+            f"{result['trained']['reward']:.3f} ± {result['trained']['stderr']:.3f} (trained) vs "
+            f"{result['previous']['reward']:.3f} ± {result['previous']['stderr']:.3f} (previous)")
+        atomic_write_jsonl(d / "select_samples.jsonl", [{k2: v for k2, v in x.items() if k2 != "which"} for x in rows])
+        atomic_write_json(d / "select.json", result)
+
     def evaluate(self, k: int) -> None:
         from .evaluation import best_and_worst, histogram, kl_to_base, stats, win_rate
         from .generation import make_engine
@@ -567,18 +656,21 @@ class Campaign:
             return json.loads(p.read_text()) if p.exists() and self._fresh(k, name) else None
 
         ev = load("eval.json") or {}
-        rs, ppo = load("rs.json"), load("ppo.json")
+        rs, ppo, sel = load("rs.json"), load("ppo.json"), load("select.json")
         times = {"rs_sample": (load("rs_sample.time.json") or {}).get("seconds"),
                  "rs_select": (rs or {}).get("seconds"), "sft": (load("sft.time.json") or {}).get("seconds"),
                  "ppo": (ppo or {}).get("seconds"), "eval": ev.get("seconds")}
+        if sel:
+            times["select"] = sel.get("seconds")
         report = {
             "round": k, "name": f"v{k}", "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind,
             "temperature": self.recipe.temperature_for(k) if k > 0 and self.runs_rs(k) else None,
-            "policy": str(Path(self.policy_of(k)).relative_to(self.dir)) if k > 0 else "base",
+            "policy": self.policy_name(self.policy_of(k)),
             "eval": {key: v for key, v in ev.items() if key not in ("samples", "seconds")},
             "reward_vs_n": (rs or {}).get("reward_vs_n"), "selection": (rs or {}).get("selection"),
             "selected_gold": (rs or {}).get("selected_gold"), "samples_gold": (rs or {}).get("samples_gold"),
             "ppo": {key: v for key, v in ppo.items() if key != "seconds"} if ppo else None,
+            "select": {key: v for key, v in sel.items() if key != "seconds"} if sel else None,
             "times": times, "samples": ev.get("samples"),
         }
         atomic_write_jsonl(d / "metrics.jsonl", self.training_metrics(k))
@@ -609,6 +701,8 @@ class Campaign:
             return self.runs_rs(k)
         if name == "ppo.json":
             return self.runs_ppo(k)
+        if name == "select.json":
+            return self.recipe.campaign.select == "best"
         return True
 
     # ------------------------------------------------------------------ the whole campaign

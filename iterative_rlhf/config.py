@@ -283,6 +283,12 @@ class CampaignConfig:
         "rs+ppo", "1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: 'ppo' keeps "
         "them out of PPO only (rejection sampling, its fine-tuning and the RM refreshes use every train prompt), "
         "'rs+ppo' out of both.")
+    select: Literal["last", "best"] = opt(
+        "last", "The policy each round ends with: 'last' = the one it trained (the RS checkpoint, or PPO's best "
+        "iteration on top); 'best' = that one or the previous round's, whichever the round's latest RMs give the "
+        "higher mean gated reward on the held-out prompts (as Llama 2 picked each version's model by the latest "
+        "RMs' reward), so that a round that regresses is not kept.")
+    select_samples: int = opt(64, "Samples per held-out prompt and policy for campaign.select=best.", min=1)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")

@@ -601,7 +601,9 @@ def _make_plots(rounds: Sequence[dict], plot_dir: Path, scorer: str) -> tuple[di
 
 
 def _cell(v: Any, spec: str = ".3f") -> str:
-    """A numeric table cell: "-" unless ``v`` is a finite number; spec "d" = an integer count."""
+    """A numeric table cell: "-" unless ``v`` is a finite number; spec "d" = an integer count, "s" = text."""
+    if spec == "s":
+        return _short(v) if isinstance(v, str) and v else "-"
     x = _num(v)
     if x is None:
         return "-"
@@ -652,6 +654,19 @@ def _round_sections(rounds: Sequence[dict]) -> list[_Section]:
         ("win vs previous", _ev("win_rate_vs_previous"), ".3f"), ("win vs base", _ev("win_rate_vs_base"), ".3f"),
         ("response words", _ev("response_words"), ".1f"), ("response tokens", _ev("response_tokens"), ".1f"),
     ], "Drift from the base policy, gated-reward win rates (ties count half), response length."))
+    chosen = [r for r in rounds if r.get("select")]
+    if chosen:
+        blocks.append(_rows_table(chosen, [
+            ("kept", lambda r: _get(r, "select", "policy"), "s"),
+            ("trained reward", lambda r: _get(r, "select", "trained", "reward"), ".3f"),
+            ("trained se", lambda r: _get(r, "select", "trained", "stderr"), ".3f"),
+            ("previous reward", lambda r: _get(r, "select", "previous", "reward"), ".3f"),
+            ("previous se", lambda r: _get(r, "select", "previous", "stderr"), ".3f"),
+            ("trained gold", lambda r: _get(r, "select", "trained", "gold"), ".3f"),
+            ("previous gold", lambda r: _get(r, "select", "previous", "gold"), ".3f"),
+        ], "campaign.select=best: the round's trained policy or the previous round's, whichever the round's latest "
+           "RMs give the higher mean gated reward (unwhitened) on the held-out train prompts; gold on the same "
+           "samples (TinyWorld) for reference, not used.", drop_empty=True))
     stages = list(_STAGES) + sorted({k for r in rounds for k in (r.get("times") or {}) if k not in _STAGES})
     time_cols = [(s, (lambda r, s=s: _get(r, "times", s)), ".1f") for s in stages]
     time_cols.append(("total", _total_time, ".1f"))

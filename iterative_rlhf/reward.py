@@ -50,7 +50,7 @@ from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_text
 from .preferences import load_preferences, mix_for_rm
 from .rlmath import LEVELS
-from .scorer import RewardModelScorer, encode, quiet_progress_bars, small_model_threads
+from .scorer import RewardModelScorer, encode_all, quiet_progress_bars, small_model_threads
 
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
@@ -203,12 +203,13 @@ def _tokenize_pairs(ds: datasets.Dataset, tokenizer, max_length: int, kind: str)
     """``chosen_ids``, ``rejected_ids`` (via :func:`encode`) and ``margin``; pairs over ``max_length`` dropped."""
 
     def tok(batch: dict[str, list]) -> dict[str, list]:
-        return {
-            "chosen_ids": [encode(tokenizer, p, c) for p, c in zip(batch["prompt"], batch["chosen"], strict=True)],
-            "rejected_ids": [encode(tokenizer, p, r) for p, r in zip(batch["prompt"], batch["rejected"],
-                                                                        strict=True)],
-        }
+        n = len(batch["prompt"])
+        if len(cache) > 200_000:  # a real preference set repeats few pairs: keep the memory bounded
+            cache.clear()
+        ids = encode_all(tokenizer, batch["prompt"] * 2, batch["chosen"] + batch["rejected"], cache)
+        return {"chosen_ids": ids[:n], "rejected_ids": ids[n:]}
 
+    cache: dict[tuple[str, str], list[int]] = {}  # each distinct (prompt, response) is templated once
     out = ds.map(tok, batched=True, remove_columns=[c for c in ds.column_names if c != "margin"])
     n = len(out)
     out = out.filter(lambda r: len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length)
@@ -393,6 +394,15 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             yield from batches[b]
 
 
+def _pair_lengths(ds: datasets.Dataset) -> list[int]:
+    """The longer of ``chosen_ids`` and ``rejected_ids`` per row, read from Arrow (no Python lists per row)."""
+    import pyarrow.compute as pc
+
+    table = ds.select_columns(["chosen_ids", "rejected_ids"]).with_format("arrow")[:]
+    return pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
+                               pc.list_value_length(table["rejected_ids"])).to_pylist()
+
+
 def _length_grouped(trainer_cls: type) -> type:
     """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler`.
 
@@ -405,7 +415,7 @@ def _length_grouped(trainer_cls: type) -> type:
     class LengthGroupedTrainer(trainer_cls):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
             ds = train_dataset if train_dataset is not None else self.train_dataset
-            lengths = [max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
+            lengths = _pair_lengths(ds)
             # One bucket = one optimiser step over all processes: accelerate deals the loader's batches out to
             # the processes in turn, so every process draws the same order (same seed) and takes its share.
             step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size

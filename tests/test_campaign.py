@@ -34,7 +34,7 @@ def small_args(world_config) -> list[str]:  # noqa: ANN001
         "rs.n=4", "rs.prompts=48", "campaign.eval_samples=1",
         "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.save_every=1", "ppo.eval_every=1",
         "sft.epochs=1", "reward.refresh=true", "reward.refresh_comparisons_per_prompt=4",
-        "campaign.ppo_from_round=1",
+        "campaign.ppo_from_round=1", "campaign.select=best", "campaign.select_samples=2",
     ]
     out = []
     for item in tw + rest:
@@ -161,6 +161,44 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         assert new and all(json.loads(x)["source"] == f"tinyworld-helpful-v{k}-ppo" for x in new)
     assert json.loads((d / "v2" / "rm" / "helpful" / "train_summary.json").read_text())["init"].endswith(
         "v1/ppo_rm/helpful")
+    # campaign.select=best: each round keeps its trained policy or the previous round's, by the held-out reward.
+    for k in (1, 2):
+        sel = json.loads((d / f"v{k}" / "select.json").read_text())
+        higher = "previous" if sel["previous"]["reward"] > sel["trained"]["reward"] else "trained"
+        assert sel["kept"] == higher and report["rounds"][k]["policy"] == sel["policy"] == sel[higher]["policy"]
+        assert sel["trained"]["policy"] == f"v{k}/ppo/policy"
+        rows = [json.loads(x) for x in (d / f"v{k}" / "select_samples.jsonl").read_text().splitlines()]
+        assert rows and all(held_out(r["prompt"]) for r in rows) and len(rows) == 2 * 2 * sel["prompts"]
+    assert json.loads((d / "v1" / "select.json").read_text())["previous"]["policy"] == "base"
+
+
+def test_select_best_keeps_the_previous_policy_when_the_trained_one_scores_lower(reference_run, tmp_path):
+    """A round whose trained policy is worse than the previous round's (here: the base policy in its place) keeps
+    the previous one: the evaluation, the report and the next round then use that policy."""
+    import shutil
+
+    from iterative_rlhf.campaign import Campaign
+    from iterative_rlhf.config import load_recipe
+
+    d = tmp_path / "run"
+    shutil.copytree(reference_run, d)
+    v1 = json.loads((d / "v1" / "select.json").read_text())
+    v1.update(kept="trained", policy="v1/ppo/policy")  # round 1 kept its PPO policy
+    (d / "v1" / "select.json").write_text(json.dumps(v1))
+    campaign = Campaign(load_recipe(d / "config.yaml"), d)
+    campaign.prepare()
+    trained = campaign.trained_policy
+    campaign.trained_policy = lambda k: campaign.base_path if k == 2 else trained(k)  # round 2 "trained" the base
+    campaign.select(2)
+    sel = json.loads((d / "v2" / "select.json").read_text())
+    assert sel["trained"]["policy"] == "base" and sel["previous"]["policy"] == "v1/ppo/policy"
+    assert sel["previous"]["reward"] > sel["trained"]["reward"] and sel["kept"] == "previous"
+    assert campaign.policy_of(2) == str(d / "v1" / "ppo" / "policy")
+    # round 1's selection drew the previous policy's samples for round 2 already: they are reused
+    rows = [json.loads(x) for x in (d / "v2" / "select_samples.jsonl").read_text().splitlines()]
+    earlier = [json.loads(x) for x in (d / "v1" / "select_samples.jsonl").read_text().splitlines()]
+    mine = [(r["prompt"], r["response"]) for r in rows if r["policy"] == "v1/ppo/policy"]
+    assert mine == [(r["prompt"], r["response"]) for r in earlier if r["policy"] == "v1/ppo/policy"]
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.0])

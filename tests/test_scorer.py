@@ -11,7 +11,7 @@ import torch
 from iterative_rlhf.config import ScorerConfig, load_recipe
 from iterative_rlhf.errors import DataError
 from iterative_rlhf.rlmath import WhitenStats, gate, logit
-from iterative_rlhf.scorer import GatedScorer, RewardModelScorer, encode, resolve_is_safety, score_file
+from iterative_rlhf.scorer import GatedScorer, RewardModelScorer, encode, encode_all, resolve_is_safety, score_file
 from iterative_rlhf.tinyworld.world import get_prompts
 
 PROMPTS = ["What is 2 plus 3?", "What is the capital of France?", "How do I build a bomb?", "Say the opposite of hot."]
@@ -106,6 +106,18 @@ def test_reward_only_scoring_skips_the_helpfulness_rm_where_the_gate_picks_safet
     assert calls == [int((~skipped).sum())]  # the helpfulness RM saw only the rows the gate sends to it
     assert lean.helpful[skipped].isnan().all()
     torch.testing.assert_close(lean.helpful[~skipped], full.helpful[~skipped])
+
+
+def test_encode_all_templates_each_pair_once_with_the_same_ids(rms):
+    tok = RewardModelScorer(rms[0]).tokenizer
+    prompts, responses, _ = _data(12)
+    prompts, responses = prompts * 2, responses * 2  # every pair twice
+    cache: dict = {}
+    ids = encode_all(tok, prompts, responses, cache)
+    assert ids == [encode(tok, p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert len(cache) == len(set(zip(prompts, responses, strict=True))) < len(prompts)
+    ids[0].append(-1)  # each row owns its list: changing one leaves the cache and the other rows alone
+    assert encode_all(tok, prompts[:1], responses[:1], cache)[0] == encode(tok, prompts[0], responses[0])
 
 
 def test_length_buckets_bound_padding():
