@@ -529,8 +529,10 @@ class Campaign:
 
         Both policies sample ``campaign.select_samples`` responses per held-out
         prompt (prompts no stage trains on) at temperature 1.0, as the evaluation
-        does; the round's latest RMs score them (the gated reward, unwhitened: the
-        order is the same). The trained policy is kept unless the previous one
+        does; the round's latest RMs score them, and each policy's score is its mean
+        gated R_c (in [0, 1], before LOGIT and whitening: the share of its responses
+        the RMs judge good, closer to a 0/1 judge than a mean of logits that a few
+        extreme responses move). The trained policy is kept unless the previous one
         scores higher. The previous policy's samples are reused from round k-1's
         selection when it drew them (only their scores change with the RMs).
         Writes ``vK/select.json`` and ``vK/select_samples.jsonl``.
@@ -585,7 +587,7 @@ class Campaign:
                 result[which]["gold"] = metrics((find_prompt(x["prompt"]), x["response"]) for x in mine)["gold"]
         kept = "previous" if result["previous"]["reward"] > result["trained"]["reward"] else "trained"
         result.update(kept=kept, policy=result[kept]["policy"], seconds=time.time() - t)
-        log(f"v{k} selection: {kept} policy kept ({result[kept]['policy']}); held-out gated reward "
+        log(f"v{k} selection: {kept} policy kept ({result[kept]['policy']}); mean gated R_c on the held-out prompts "
             f"{result['trained']['reward']:.3f} ± {result['trained']['stderr']:.3f} (trained) vs "
             f"{result['previous']['reward']:.3f} ± {result['previous']['stderr']:.3f} (previous)")
         atomic_write_jsonl(d / "select_samples.jsonl", [{k2: v for k2, v in x.items() if k2 != "which"} for x in rows])

@@ -286,7 +286,7 @@ class CampaignConfig:
     select: Literal["last", "best"] = opt(
         "last", "The policy each round ends with: 'last' = the one it trained (the RS checkpoint, or PPO's best "
         "iteration on top); 'best' = that one or the previous round's, whichever the round's latest RMs give the "
-        "higher mean gated reward on the held-out prompts (as Llama 2 picked each version's model by the latest "
+        "higher mean gated R_c on the held-out prompts (as Llama 2 picked each version's model by the latest "
         "RMs' reward), so that a round that regresses is not kept.")
     select_samples: int = opt(64, "Samples per held-out prompt and policy for campaign.select=best.", min=1)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")

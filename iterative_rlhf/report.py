@@ -665,7 +665,7 @@ def _round_sections(rounds: Sequence[dict]) -> list[_Section]:
             ("trained gold", lambda r: _get(r, "select", "trained", "gold"), ".3f"),
             ("previous gold", lambda r: _get(r, "select", "previous", "gold"), ".3f"),
         ], "campaign.select=best: the round's trained policy or the previous round's, whichever the round's latest "
-           "RMs give the higher mean gated reward (unwhitened) on the held-out train prompts; gold on the same "
+           "RMs give the higher mean gated R_c (in [0, 1]) on the held-out train prompts; gold on the same "
            "samples (TinyWorld) for reference, not used.", drop_empty=True))
     stages = list(_STAGES) + sorted({k for r in rounds for k in (r.get("times") or {}) if k not in _STAGES})
     time_cols = [(s, (lambda r, s=s: _get(r, "times", s)), ".1f") for s in stages]

@@ -48,6 +48,8 @@ SEEDS = {"default": DEFAULT,
          "default (seeds 3 and 4 added)": (*DEFAULT, "default-seed3", "default-seed4"),
          "the same, PPO's held-out prompts in RS (seeds 3 and 4 added)": (
              *HELD_OUT_IN_RS, *(f"{HELD_OUT_IN_RS[0]}-seed{k}" for k in (3, 4))),
+         "select best (campaign.select=best)": ("ablation-select-best",
+                                                 *(f"ablation-select-best-seed{k}" for k in (1, 2, 3, 4))),
          "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
