@@ -658,9 +658,9 @@ def _round_sections(rounds: Sequence[dict]) -> list[_Section]:
     if chosen:
         blocks.append(_rows_table(chosen, [
             ("kept", lambda r: _get(r, "select", "policy"), "s"),
-            ("trained reward", lambda r: _get(r, "select", "trained", "reward"), ".3f"),
+            ("trained R_c", lambda r: _get(r, "select", "trained", "reward"), ".3f"),
             ("trained se", lambda r: _get(r, "select", "trained", "stderr"), ".3f"),
-            ("previous reward", lambda r: _get(r, "select", "previous", "reward"), ".3f"),
+            ("previous R_c", lambda r: _get(r, "select", "previous", "reward"), ".3f"),
             ("previous se", lambda r: _get(r, "select", "previous", "stderr"), ".3f"),
             ("trained gold", lambda r: _get(r, "select", "trained", "gold"), ".3f"),
             ("previous gold", lambda r: _get(r, "select", "previous", "gold"), ".3f"),
