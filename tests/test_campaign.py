@@ -170,6 +170,9 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         rows = [json.loads(x) for x in (d / f"v{k}" / "select_samples.jsonl").read_text().splitlines()]
         assert rows and all(held_out(r["prompt"]) for r in rows) and len(rows) == 2 * 2 * sel["prompts"]
     assert json.loads((d / "v1" / "select.json").read_text())["previous"]["policy"] == "base"
+    md = (d / "report.md").read_text()  # the selection table: the kept policy of each round
+    assert "| round | kept | trained R_c | trained se | previous R_c |" in md
+    assert f"| v2 | {json.loads((d / 'v2' / 'select.json').read_text())['policy']} |" in md
 
 
 def test_select_best_keeps_the_previous_policy_when_the_trained_one_scores_lower(reference_run, tmp_path):
