@@ -349,7 +349,24 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print("[yellow]interrupted[/yellow]: finished stages are kept; rerun the same command to continue")
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a launched stage (``accelerate launch``) opened, before the interpreter exits.
+
+    Left to the interpreter's teardown, gloo's threads can abort a process whose work
+    is done ("terminate called without an active exception", exit -6), which fails the
+    launch; torch asks for ``destroy_process_group`` before exit for this reason.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # vLLM starts workers with spawn: keep the entry point guarded
