@@ -63,6 +63,8 @@ declare -A RUNS=(
   [ablation-select-best-seed4]="--set campaign.select=best --set seed=4"
   [ablation-ppo-kl0.01]="--set ppo.kl_coef=0.01"
   [ablation-ppo-kl0.01-seed4]="--set ppo.kl_coef=0.01 --set seed=4"
+  [ablation-refresh-epochs0.5]="--set reward.refresh_epochs=0.5"
+  [ablation-refresh-epochs0.5-seed4]="--set reward.refresh_epochs=0.5 --set seed=4"
   [ablation-refresh-8]="$NOG --set reward.refresh_comparisons_per_prompt=8"
   [ablation-refresh-16]="$PP --set reward.refresh_comparisons_per_prompt=16"
   [ablation-no-group-by-length]="$NOG"
@@ -102,7 +104,8 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed3
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4
        ablation-select-best ablation-select-best-seed1 ablation-select-best-seed2 ablation-select-best-seed3
-       ablation-select-best-seed4 ablation-ppo-kl0.01 ablation-ppo-kl0.01-seed4
+       ablation-select-best-seed4 ablation-ppo-kl0.01 ablation-ppo-kl0.01-seed4 ablation-refresh-epochs0.5
+       ablation-refresh-epochs0.5-seed4
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
