@@ -43,10 +43,11 @@ import yaml
 
 from .config import Recipe, load_recipe
 from .console import log, warn
-from .errors import UserError
+from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
-STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8}
+STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
+               "select_previous": 9}
 
 
 class Manifest:
@@ -546,6 +547,10 @@ class Campaign:
         t = time.time()
         n = r.campaign.select_samples
         prompts = self.holdout_prompts
+        if not prompts:
+            raise UserError("campaign.select=best: no held-out prompts to compare the policies on (1 in 8 train "
+                            "prompts by hash; campaign.prompts has too few); add train prompts or set "
+                            "campaign.select=last")
         policies = {"trained": self.trained_policy(k), "previous": self.policy_of(k - 1)}
         names = {which: self.policy_name(p) for which, p in policies.items()}
         earlier = self.dir / f"v{k - 1}" / "select_samples.jsonl"
@@ -555,7 +560,7 @@ class Campaign:
             if which == "previous" and len(reuse) == n * len(prompts):
                 rows += [{**x, "which": which} for x in reuse]
                 continue
-            seed = self.seed(k, "select") + (1 if which == "previous" else 0)
+            seed = self.seed(k, "select_previous" if which == "previous" else "select")
             engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
             try:
                 texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in prompts], r.model.max_prompt_length,
@@ -585,6 +590,10 @@ class Campaign:
                 from .tinyworld.world import find_prompt, metrics
 
                 result[which]["gold"] = metrics((find_prompt(x["prompt"]), x["response"]) for x in mine)["gold"]
+        if not all(math.isfinite(result[which]["reward"]) for which in policies):
+            raise NumericalError(f"v{k} selection: a mean gated R_c on the held-out prompts is NaN or inf "
+                                 f"({result['trained']['reward']} trained, {result['previous']['reward']} previous); "
+                                 f"check the RMs in {self.rm_dir(k)}")
         kept = "previous" if result["previous"]["reward"] > result["trained"]["reward"] else "trained"
         result.update(kept=kept, policy=result[kept]["policy"], seconds=time.time() - t)
         log(f"v{k} selection: {kept} policy kept ({result[kept]['policy']}); mean gated R_c on the held-out prompts "

@@ -175,6 +175,19 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     assert f"| v2 | {json.loads((d / 'v2' / 'select.json').read_text())['policy']} |" in md
 
 
+def test_select_best_without_held_out_prompts_says_so(world_config, tmp_path):
+    from iterative_rlhf.campaign import Campaign
+    from iterative_rlhf.config import load_recipe
+    from iterative_rlhf.errors import UserError
+
+    sets = [f"tinyworld.{k}={v}" for k, v in vars(world_config).items()] + ["campaign.select=best"]
+    campaign = Campaign(load_recipe(None, sets), tmp_path / "run")
+    campaign.holdout_prompts = []  # a prompt file too small for any prompt to hash into the held-out set
+    with pytest.raises(UserError, match="campaign.select=best: no held-out prompts"):
+        campaign.select(1)
+    assert not (tmp_path / "run" / "v1" / "select.json").exists()
+
+
 def test_select_best_keeps_the_previous_policy_when_the_trained_one_scores_lower(reference_run, tmp_path):
     """A round whose trained policy is worse than the previous round's (here: the base policy in its place) keeps
     the previous one: the evaluation, the report and the next round then use that policy."""
