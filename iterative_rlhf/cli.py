@@ -195,6 +195,19 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
                            args.out, threshold=recipe.scorer.threshold, world=world)
 
 
+def cmd_prompts(args: argparse.Namespace) -> None:
+    from .reward import campaign_prompt_files
+
+    recipe = _recipe(args)
+    train_out = args.train_out or recipe.campaign.prompts
+    eval_out = args.eval_out or recipe.campaign.eval_prompts
+    if not train_out or not eval_out:
+        raise UserError("campaign.prompts / campaign.eval_prompts: the recipe names no prompt files; set them "
+                        "(--set campaign.prompts=F) or pass --train-out and --eval-out")
+    campaign_prompt_files(recipe, train_out, eval_out, max_train=args.max_train, max_eval=args.max_eval,
+                          force=args.force)
+
+
 def _world_if_used(recipe):  # noqa: ANN001, ANN202
     if recipe.model.policy != "tinyworld":
         return None
@@ -267,6 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     p.add_argument("--engine", choices=["hf", "vllm"], default=None, help="Override generation.engine.")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("prompts", help="Write a campaign's prompt files from its reward models' comparisons.",
+                       description="Eval prompts: the prompts of both RMs' test comparisons (reward.*.test_data, "
+                       "or the 5%% of prompts held out of reward.*.data); train prompts: those of their training "
+                       "comparisons less the eval ones. A prompt of a safety comparison is safety-tagged "
+                       "(is_safety, which the gate reads). Writes the recipe's campaign.prompts and "
+                       "campaign.eval_prompts.")
+    _add_recipe_args(p)
+    p.add_argument("--train-out", type=Path, default=None, help="Train prompts JSONL (default: campaign.prompts).")
+    p.add_argument("--eval-out", type=Path, default=None,
+                   help="Eval prompts JSONL (default: campaign.eval_prompts).")
+    p.add_argument("--max-train", type=_positive("--max-train"), default=None,
+                   help="Keep at most this many train prompts (chosen by hash; default: all).")
+    p.add_argument("--max-eval", type=_positive("--max-eval"), default=None,
+                   help="Keep at most this many eval prompts (chosen by hash; default: all).")
+    p.add_argument("--force", action="store_true", help="Overwrite existing prompt files.")
+    p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("round", help="Run a campaign of rounds V1..Vn (the main job); resumable.")
     _add_recipe_args(p)

@@ -101,10 +101,13 @@ class RewardModelConfig:
     """One reward model (helpfulness or safety): data, margin loss and training."""
 
     init: str = opt("policy", "Initial checkpoint: 'policy' (the base policy, as Llama 2 did) or any HF model.")
-    data: list[str] = opt([], "Preference files or hub names; empty = the TinyWorld comparisons.")
+    data: list[str] = opt([], "Preference files or hub names ('NAME:SUBSET' for a hub folder, e.g. "
+                          "Anthropic/hh-rlhf:helpful-base); empty = the TinyWorld comparisons.")
     format: Literal["auto", "canonical", "hh-rlhf", "pku-saferlhf", "scores"] = opt(
         "auto", "Format of the files in `data`.")
-    test_data: list[str] = opt([], "Held-out comparisons; empty = the TinyWorld eval-split comparisons.")
+    test_data: list[str] = opt([], "Held-out comparisons (hub names: their 'test' split); empty = the TinyWorld "
+                               "eval-split comparisons, or without TinyWorld 5 % of the prompts of `data`, held "
+                               "out of training.")
     margin: Literal["none", "small", "large"] = opt("small", "Margin per preference level (Llama 2 Table 28).")
     learning_rate: float = opt(1e-3, "Max learning rate, cosine to 10 % (Llama 2 7B: 1e-5; TinyWorld: 1e-3).",
                                 gt=0.0)

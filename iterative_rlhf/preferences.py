@@ -5,7 +5,8 @@ Scope: read comparison data from a local file or folder (``.jsonl``, ``.json``,
 ``datasets``; turn each public format into the canonical schema
 :data:`CANONICAL_COLUMNS`; compute the margin per level (Llama 2 §3.2.2,
 Table 27, via :func:`iterative_rlhf.rlmath.margin_for`); mix the data per reward
-model as Llama 2 did; split and write. No tokenization or training happens here.
+model as Llama 2 did; split and write; a campaign's prompt files from the
+comparisons' prompts (:func:`prompt_rows`). No tokenization or training happens here.
 
 Canonical schema (one row = one comparison):
 
@@ -105,6 +106,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -144,7 +146,10 @@ __all__ = [
     "pku_safety_level",
     "scores_pair",
     "score_gap_level",
+    "held_out_prompt",
+    "hold_out_by_prompt",
     "mix_for_rm",
+    "prompt_rows",
     "split_train_test",
     "write_preferences",
 ]
@@ -815,16 +820,22 @@ def load_preferences_with_report(source: str, *, format: str = "auto", kind: str
     elif _looks_local(source):
         raise UserError(f"{source}: file not found; give an existing file or folder, or a hub dataset name")
     else:
+        name = source
+        if ":" in source and not data_dir:  # 'NAME:SUBSET': a folder of the hub dataset (hub names have no ':')
+            name, data_dir = source.split(":", 1)
+            if not name or not data_dir:
+                raise UserError(f"{source}: expected a hub name as NAME or NAME:SUBSET, e.g. "
+                                "Anthropic/hh-rlhf:helpful-base")
         kwargs = {"data_dir": data_dir} if data_dir else {}
         try:
-            ds = datasets.load_dataset(source, split=split, **kwargs)
+            ds = datasets.load_dataset(name, split=split, **kwargs)
         except Exception as e:  # hub errors come in many types; all mean "cannot load this name"
             msg = str(e).replace("\n", " ")[:200]
             raise UserError(f"{source}: could not load this hub dataset (split {split!r}): {msg}; check the "
                             "name and split, your network or HF_TOKEN, or give a local file") from None
         if len(ds) == 0:
             raise DataError(f"empty dataset: split {split!r} has no rows", path=source)
-        jobs.append(_Job(ds, source, source + (f"/{data_dir}" if data_dir else "")))
+        jobs.append(_Job(ds, source, name + (f"/{data_dir}" if data_dir else "")))
 
     columns: dict[str, list[str]] = {}
     reports: list[LoadReport] = []
@@ -879,7 +890,8 @@ def load_preferences(source: str, *, format: str = "auto", kind: str | None = No
     Args:
         source: a local file (``.jsonl``, ``.json``, ``.jsonl.gz``, ``.parquet``,
             ``.csv``), a folder of them (read in name order), or a hub dataset name
-            (``datasets.load_dataset(source, split=split)``).
+            (``datasets.load_dataset(source, split=split)``); ``NAME:SUBSET`` reads one
+            folder of it (``data_dir=SUBSET``), e.g. ``Anthropic/hh-rlhf:helpful-base``.
         format: "auto" (detect by columns), "canonical", "hh-rlhf", "pku-saferlhf"
             or "scores".
         kind: "helpful" or "safety": which comparison to build where a row holds
@@ -981,6 +993,65 @@ def split_train_test(ds: datasets.Dataset, test_fraction: float,
     test_set = set(test_idx)
     train_idx = [i for i in range(len(ds)) if i not in test_set]
     return ds.select(train_idx), ds.select(sorted(test_idx))
+
+
+def prompt_rows(train_sets: Iterable[datasets.Dataset], test_sets: Iterable[datasets.Dataset], *,
+                max_train: int | None = None, max_eval: int | None = None) -> tuple[list[dict], list[dict]]:
+    """A campaign's ``(train, eval)`` prompt rows (``prompt``, ``is_safety``) from canonical comparisons.
+
+    Eval prompts are the distinct prompts of ``test_sets``; train prompts those of ``train_sets`` less the eval
+    ones, so that the reports measure prompts the policy never trained on (an RM may have: a prompt held out of
+    one RM's data can be in the other's training data). A prompt is
+    safety-tagged (Llama 2's IS_SAFETY, which the gate reads) when any of its comparisons is a safety one.
+    ``max_train`` / ``max_eval`` keep that many, chosen by the SHA-256 of the text (stable as the data grows),
+    in the data's order.
+    """
+    def collect(sets: Iterable[datasets.Dataset]) -> dict[str, bool]:
+        tags: dict[str, bool] = {}
+        for ds in sets:
+            for prompt, safety in zip(ds["prompt"], ds["is_safety"], strict=True):
+                tags[prompt] = tags.get(prompt, False) or bool(safety)
+        return tags
+
+    def cap(tags: dict[str, bool], n: int | None) -> list[dict]:
+        keep = set(tags)
+        if n is not None and n < len(tags):
+            keep = set(sorted(tags, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())[:n])
+        return [{"prompt": t, "is_safety": tags[t]} for t in tags if t in keep]
+
+    test = collect(test_sets)
+    train = {t: v for t, v in collect(train_sets).items() if t not in test}
+    return cap(train, max_train), cap(test, max_eval)
+
+
+def _held_out_key(prompt: str) -> int:
+    return int(hashlib.sha256(b"held-out:" + prompt.encode("utf-8")).hexdigest(), 16) % 10_000
+
+
+def held_out_prompt(prompt: str, share: float) -> bool:
+    """Whether ``prompt`` is in the ``share`` of prompts held out as a test set (by SHA-256 of the text).
+
+    A property of the text alone, so a prompt is held out of every dataset that holds it (both RMs' data
+    alike) and stays held out as the data grows.
+    """
+    return _held_out_key(prompt) < share * 10_000
+
+
+def hold_out_by_prompt(ds: datasets.Dataset, share: float, what: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, test)``: the comparisons of the :func:`held_out_prompt` prompts go to test, the rest to train.
+
+    A set so small that none of its prompts is held out gives up its prompt of the lowest hash instead.
+    """
+    prompts = set(ds["prompt"])
+    if len(prompts) < 2:
+        raise UserError(f"{what}: {len(prompts)} distinct prompt(s); a test set needs a prompt of its own and "
+                        "training another")
+    held = {p for p in prompts if held_out_prompt(p, share)} or {min(prompts, key=_held_out_key)}
+    if held == prompts:
+        held.discard(max(prompts, key=_held_out_key))
+    test_idx = [i for i, p in enumerate(ds["prompt"]) if p in held]
+    train_idx = [i for i, p in enumerate(ds["prompt"]) if p not in held]
+    return ds.select(train_idx), ds.select(test_idx)
 
 
 def write_preferences(ds_or_rows: datasets.Dataset | Iterable[Mapping[str, Any]],

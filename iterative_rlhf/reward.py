@@ -48,14 +48,15 @@ from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
 from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_text
-from .preferences import load_preferences, mix_for_rm
+from .preferences import hold_out_by_prompt, load_preferences, mix_for_rm
 from .rlmath import LEVELS
 from .scorer import RewardModelScorer, encode_all, quiet_progress_bars, small_model_threads
 
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
 
-__all__ = ["KINDS", "evaluate_reward_models", "rm_datasets", "rm_test_sets", "train_reward_model"]
+__all__ = ["KINDS", "campaign_prompt_files", "evaluate_reward_models", "rm_datasets", "rm_test_sets",
+           "train_reward_model"]
 
 KINDS: tuple[str, ...] = ("helpful", "safety")
 _OTHER = {"helpful": "safety", "safety": "helpful"}
@@ -79,11 +80,33 @@ def _load(sources: list[str], fmt: str, kind: str, scheme: str, split: str) -> d
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+#: Share of the comparisons (whole prompts) held out as an RM's test set when its recipe names no test_data and
+#: there is no TinyWorld to supply one.
+HELD_OUT_SHARE = 0.05
+
+
 def _comparisons(recipe: Recipe, data_kind: str, scheme: str, world: WorldPaths | None, test: bool,
                  required: bool = True) -> datasets.Dataset | None:
-    """``data_kind`` comparisons (train or test) with margins of ``scheme``: recipe files, else TinyWorld."""
+    """``data_kind`` comparisons (train or test) with margins of ``scheme``: recipe files, else TinyWorld.
+
+    Without ``test_data`` (and without TinyWorld) the test set is the comparisons of :data:`HELD_OUT_SHARE` of
+    ``data``'s prompts, chosen by hash (:func:`iterative_rlhf.preferences.held_out_prompt`, the same prompts for
+    both RMs) and left out of the training set.
+    """
     cfg = _rm_cfg(recipe, data_kind)
     sources = cfg.test_data if test else cfg.data
+    if cfg.data and not cfg.test_data and world is None:
+        full = _load(list(cfg.data), cfg.format, data_kind, scheme, "train")
+        try:
+            train, held = hold_out_by_prompt(full, HELD_OUT_SHARE, f"reward.{data_kind}.data")
+        except UserError as e:
+            raise UserError(f"{e}; reward.{data_kind}.test_data is empty, so its test set is held out of "
+                            f"reward.{data_kind}.data: add comparisons there or list a test set in test_data") \
+                from None
+        if test:
+            log(f"{data_kind} RM test set: reward.{data_kind}.test_data is empty; {len(held)} comparisons "
+                f"({HELD_OUT_SHARE:.0%} of the prompts of reward.{data_kind}.data, by hash) held out of training")
+        return held if test else train
     if sources:
         return _load(list(sources), cfg.format, data_kind, scheme, "test" if test else "train")
     if world is not None:
@@ -130,6 +153,40 @@ def rm_datasets(recipe: Recipe, kind: str,
 def rm_test_sets(recipe: Recipe, world: WorldPaths | None) -> dict[str, datasets.Dataset]:
     """Both test sets, ``{"helpful": ..., "safety": ...}``: every RM is evaluated on both."""
     return {k: _comparisons(recipe, k, _rm_cfg(recipe, k).margin, world, test=True) for k in KINDS}
+
+
+def campaign_prompt_files(recipe: Recipe, train_out: str | os.PathLike, eval_out: str | os.PathLike, *,
+                          max_train: int | None = None, max_eval: int | None = None,
+                          force: bool = False) -> tuple[int, int]:
+    """Write a campaign's prompt files (``campaign.prompts`` / ``campaign.eval_prompts``) from its RM data.
+
+    Eval prompts: the prompts of both RMs' test comparisons; train prompts: those of their training comparisons
+    less the eval ones (:func:`iterative_rlhf.preferences.prompt_rows`). Returns the counts.
+    """
+    from .io import atomic_write_jsonl
+    from .preferences import prompt_rows
+
+    if not recipe.reward.helpful.data and not recipe.reward.safety.data:
+        raise UserError("reward.helpful.data / reward.safety.data: no comparisons to take prompts from; TinyWorld "
+                        "campaigns have their prompts built in")
+    for path in (train_out, eval_out):
+        if Path(path).exists() and not force:
+            raise UserError(f"{path}: exists; pass --force to overwrite it, or another output path")
+    train_sets, test_sets = [], []
+    for kind in KINDS:
+        if getattr(recipe.reward, kind).data:
+            scheme = _rm_cfg(recipe, kind).margin
+            train_sets.append(_comparisons(recipe, kind, scheme, None, test=False))
+            test_sets.append(_comparisons(recipe, kind, scheme, None, test=True))
+    train, evals = prompt_rows(train_sets, test_sets, max_train=max_train, max_eval=max_eval)
+    if not train or not evals:
+        raise UserError(f"{len(train)} train and {len(evals)} eval prompts: the test comparisons hold every "
+                        "prompt of the training ones; give reward.<kind>.test_data with other prompts")
+    atomic_write_jsonl(train_out, train)
+    atomic_write_jsonl(eval_out, evals)
+    for name, rows, path in (("train", train, train_out), ("eval", evals, eval_out)):
+        log(f"{name} prompts: {len(rows)} ({sum(r['is_safety'] for r in rows)} safety-tagged) -> {path}")
+    return len(train), len(evals)
 
 
 # --------------------------------------------------------------------------- training

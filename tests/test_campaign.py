@@ -335,3 +335,48 @@ def test_held_out_prompts_never_reach_ppo(world, world_config, tmp_path, holdout
     assert held and ppo and not held & ppo
     assert ppo | held == {p.text for p in get_prompts("train")}
     assert rs == (ppo | held if holdout_from == "ppo" else ppo)
+
+
+def test_a_campaign_on_the_users_own_data(world, tmp_path):
+    """No TinyWorld: a local policy checkpoint, preference files without test_data, prompt files made by
+    `iterative-rlhf prompts`. One rs+ppo round end to end: both RMs, RS, SFT, PPO, evaluation and report."""
+    import shutil
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from iterative_rlhf.cli import main
+    from iterative_rlhf.io import read_jsonl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for kind in ("helpful", "safety"):  # the user's own comparisons, in the canonical format
+        shutil.copy(world.comparisons(kind, "train"), data / f"{kind}.jsonl")
+    recipe = {
+        "name": "users-data", "model": {"policy": str(world.policy)},
+        "reward": {kind: {"data": [str(data / f"{kind}.jsonl")], "max_length": 64} for kind in ("helpful", "safety")},
+        "rs": {"n": 4, "prompts": 32}, "sft": {"epochs": 1.0},
+        "ppo": {"iterations": 2, "batch_size": 16, "mini_batch_size": 8, "eval_every": 1},
+        "campaign": {"eval_samples": 1, "prompts": str(data / "train.jsonl"), "eval_prompts": str(data / "eval.jsonl")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    assert main(["prompts", "--recipe", str(path)]) == 0
+    train, evals = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
+    assert train and evals and not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    harmful = {p["prompt"] for p in read_jsonl(world.prompts("train")) if p["family"] == "harmful"}
+    for rows in (train, evals):
+        assert {r["prompt"] for r in rows if r["is_safety"]} >= harmful & {r["prompt"] for r in rows}
+    assert main(["prompts", "--recipe", str(path)]) == 2  # never overwrites without --force
+
+    out = tmp_path / "run"
+    run_cli(["round", "--n", "1", "--recipe", str(path), "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    v0, v1 = report["rounds"]
+    assert v1["eval"]["n_prompts"] == len(evals) and v1["eval"]["gold"] is None
+    assert v1["policy"] == "v1/ppo/policy" and v1["selection"] and v1["ppo"]["history"]
+    assert v1["eval"]["kl_to_base"] > 0 and v0["eval"]["gold"] is None
+    rm_eval = json.loads((out / "rm" / "eval" / "rm_eval.json").read_text())
+    assert all(rm_eval["test_sets"][kind] > 0 for kind in ("helpful", "safety"))  # the held-out comparisons
+    AutoModelForCausalLM.from_pretrained(out / "v1" / "ppo" / "policy")

@@ -13,7 +13,8 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("round", "rs", "ppo", "rm", "score", "sample", "tinyworld", "report", "compare", "config"):
+    for cmd in ("round", "rs", "ppo", "rm", "score", "sample", "tinyworld", "report", "compare", "config",
+                "prompts"):
         assert cmd in out
 
 
@@ -51,6 +52,16 @@ def test_bad_set_is_one_line(capsys):
     assert main(["config", "--set", "ppo.kl_coef=abc"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "ppo.kl_coef: expected a number" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prompts", "--train-out", "t.jsonl", "--eval-out", "e.jsonl"], "TinyWorld campaigns have their prompts"),
+    (["prompts", "--set", "reward.helpful.data=[h.jsonl]"], "campaign.prompts / campaign.eval_prompts"),
+])
+def test_prompts_needs_comparisons_and_output_paths(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
 
 
 @pytest.mark.slow

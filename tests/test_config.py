@@ -99,3 +99,40 @@ def test_training_threads_follow_the_wait_policy_and_the_override(monkeypatch):
     assert 1 <= training_threads() <= 2
     monkeypatch.setenv("ITERATIVE_RLHF_THREADS", "3")
     assert training_threads() == 3
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "tinyworld.yaml"], ids=lambda p: p.name)
+def test_hub_recipes_resolve_their_rm_data_and_make_their_prompt_files(path, tmp_path, monkeypatch):
+    """Each hub recipe's RM data and test sets go through the real loader (the hub itself is unreachable here:
+    datasets.load_dataset returns a few rows of the named format and records what was asked), and
+    `iterative-rlhf prompts` makes the prompt files its campaign names."""
+    import datasets
+
+    from iterative_rlhf.reward import campaign_prompt_files, rm_datasets, rm_test_sets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    calls = []
+
+    def hub(name, split, **kw):
+        calls.append((name, split, kw.get("data_dir")))
+        tag = f"{name}:{kw.get('data_dir')}:{split}"
+        if "PKU" in name:
+            return datasets.Dataset.from_list([
+                {"prompt": f"{tag} q{i}", "response_0": "Sure.", "response_1": "No.", "better_response_id": 0,
+                 "safer_response_id": 1, "is_response_0_safe": False, "is_response_1_safe": True,
+                 "response_0_severity_level": 2, "response_1_severity_level": 0} for i in range(4)])
+        turn = "\n\nHuman: {} q{}\n\nAssistant: {}"
+        return datasets.Dataset.from_list([
+            {"chosen": turn.format(tag, i, "Yes."), "rejected": turn.format(tag, i, "No.")} for i in range(4)])
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    recipe = load_recipe(path)
+    for kind in ("helpful", "safety"):
+        train, test = rm_datasets(recipe, kind, None)
+        assert len(train) and len(test) and not set(train["prompt"]) & set(test["prompt"])
+    assert set(rm_test_sets(recipe, None)) == {"helpful", "safety"}
+    assert {split for _, split, _ in calls} == {"train", "test"}
+    assert ("Anthropic/hh-rlhf", "train", None) not in calls  # never every HH folder at once
+    n_train, n_eval = campaign_prompt_files(recipe, tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    assert n_train and n_eval
+    assert recipe.campaign.prompts and recipe.campaign.eval_prompts

@@ -419,6 +419,28 @@ def test_hub_source_goes_through_load_dataset(monkeypatch):
         load_preferences("Anthropic/hh-rlhf", data_dir="harmless-base")
 
 
+def test_hub_subset_is_named_after_a_colon(monkeypatch):
+    """'NAME:SUBSET' (as recipes list them) reads one folder of a hub dataset, and HH's subset name says
+    whether its comparisons are safety ones."""
+    calls = []
+    dialogue = (H + "Hi" + A + "Hello.", H + "Hi" + A + "Go away.")
+
+    def fake_load_dataset(name, split, **kw):
+        calls.append((name, split, kw))
+        return datasets.Dataset.from_list([{"chosen": dialogue[0], "rejected": dialogue[1]}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    harmless = load_preferences("Anthropic/hh-rlhf:harmless-base", split="test")
+    helpful = load_preferences("Anthropic/hh-rlhf:helpful-base")
+    assert calls == [("Anthropic/hh-rlhf", "test", {"data_dir": "harmless-base"}),
+                     ("Anthropic/hh-rlhf", "train", {"data_dir": "helpful-base"})]
+    assert harmless["is_safety"] == [True] and helpful["is_safety"] == [False]
+    assert harmless["source"] == ["Anthropic/hh-rlhf/harmless-base"]
+    for bad in ("Anthropic/hh-rlhf:", ":helpful-base"):
+        with pytest.raises(UserError, match="NAME:SUBSET"):
+            load_preferences(bad)
+
+
 # --------------------------------------------------------------------------- mixing
 
 
@@ -474,6 +496,38 @@ def test_split_train_test_by_prompt_and_deterministic():
         split_train_test(ds, 1.0, seed=0)
     with pytest.raises(UserError, match="two prompts"):
         split_train_test(ds.filter(lambda r: r["prompt"] == "x prompt 0"), 0.5, seed=0)
+
+
+def test_hold_out_by_prompt_holds_a_prompt_out_of_every_set():
+    ds = canonical_rows(400, safety=False, tag="x")
+    train, test = prefs.hold_out_by_prompt(ds, 0.05, "data")
+    assert len(train) + len(test) == 400 and 5 <= len(test) <= 40
+    assert not set(train["prompt"]) & set(test["prompt"])
+    # a prompt's fate is a property of its text: the same in a subset of the data
+    sub = ds.select(range(0, 400, 3))
+    sub_train, sub_test = prefs.hold_out_by_prompt(sub, 0.05, "data")
+    assert set(sub_test["prompt"]) == set(test["prompt"]) & set(sub["prompt"])
+    # a set too small to hold a prompt out by hash gives up its lowest-hash prompt
+    few = ds.filter(lambda r: r["prompt"] in set(train["prompt"][:3]))
+    few_train, few_test = prefs.hold_out_by_prompt(few, 0.05, "data")
+    assert len(set(few_test["prompt"])) == 1 and len(set(few_train["prompt"])) == 2
+    with pytest.raises(UserError, match="data: 1 distinct prompt"):
+        prefs.hold_out_by_prompt(ds.select([0]), 0.05, "data")
+
+
+def test_prompt_rows_tags_caps_and_keeps_eval_prompts_out_of_training():
+    helpful = canonical_rows(30, safety=False, tag="h")
+    safety = canonical_rows(10, safety=True, tag="s")
+    both = datasets.Dataset.from_dict({**safety[:2], "prompt": helpful["prompt"][:2]}, features=safety.features)
+    train, evals = prefs.prompt_rows([helpful, both], [helpful.select(range(25, 30)), safety])
+    assert {r["prompt"] for r in evals} == set(helpful["prompt"][25:]) | set(safety["prompt"])
+    assert {r["prompt"] for r in train} == set(helpful["prompt"][:25])
+    tagged = {r["prompt"] for r in train if r["is_safety"]}
+    assert tagged == set(helpful["prompt"][:2])  # a prompt with a safety comparison is a safety prompt
+    assert [r["is_safety"] for r in evals] == [False] * 5 + [True] * 10
+    capped, _ = prefs.prompt_rows([helpful], [safety], max_train=7)
+    again, _ = prefs.prompt_rows([helpful.select(range(29, -1, -1))], [safety], max_train=7)
+    assert len(capped) == 7 and {r["prompt"] for r in capped} == {r["prompt"] for r in again}
 
 
 def test_write_preferences_round_trip(tmp_path):

@@ -167,6 +167,27 @@ def test_rm_datasets_mix_and_margins(world):
     assert len(alone) == n_help and set(alone["source"]) == {"tinyworld-helpful"}
 
 
+def test_without_test_data_a_share_of_the_prompts_is_held_out_of_training(tmp_path):
+    """A recipe with its own comparisons and no test_data: the same prompts leave both RMs' training data and
+    form their test sets (no TinyWorld involved)."""
+    from iterative_rlhf.preferences import write_preferences
+    from iterative_rlhf.reward import rm_datasets, rm_test_sets
+
+    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "level": "better",
+             "margin": 2 / 3, "source": "mine", "is_safety": i % 2 == 0} for i in range(400)]
+    write_preferences([r for r in rows if not r["is_safety"]], tmp_path / "helpful.jsonl")
+    write_preferences(rows, tmp_path / "safety.jsonl")  # the safety data also holds the helpful prompts
+    recipe = load_recipe(None, overrides=["model.policy=my-model", f"reward.helpful.data=[{tmp_path}/helpful.jsonl]",
+                                          f"reward.safety.data=[{tmp_path}/safety.jsonl]"])
+    h_train, h_test = rm_datasets(recipe, "helpful", None)
+    s_train, s_test = rm_datasets(recipe, "safety", None)
+    held = set(s_test["prompt"])
+    assert 5 <= len(held) <= 40 and set(h_test["prompt"]) == {p for p in held if int(p.split()[1]) % 2}
+    assert not held & (set(h_train["prompt"]) | set(s_train["prompt"]))
+    assert {k: len(v) for k, v in rm_test_sets(recipe, None).items()} == {"helpful": len(h_test),
+                                                                          "safety": len(s_test)}
+
+
 @pytest.mark.slow
 def test_both_rms_learn_on_tinyworld(world, tmp_path):
     """Train both RMs on the test world; accuracy falls with the preference level, loss goes down, HF loads them."""
