@@ -9,7 +9,8 @@ The run directory is self-describing and resumable at stage boundaries:
     DIR/vK/samples.jsonl     N samples per train prompt from the policy of round K-1, scored
     DIR/vK/selected.jsonl    the best samples (the pool of earlier rounds competing)
     DIR/vK/rs_policy/        SFT on the selected samples (from the base, as Llama 2)
-    DIR/vK/rm/               refreshed RMs (reward.refresh): comparisons of the round's samples
+    DIR/vK/rm/               refreshed RMs (reward.refresh): comparisons of the round's samples (TinyWorld's
+                             annotators, or people: pairs.jsonl to annotate, reward.refresh_data)
     DIR/vK/ppo_rm/           RMs refreshed again on the RS checkpoint's samples, for PPO
     DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
     DIR/vK/eval.json         the round's policy on the eval prompts
@@ -46,6 +47,7 @@ from .console import log, warn
 from .errors import NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
+_OTHER = {"helpful": "safety", "safety": "helpful"}
 STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
                "select_previous": 9}
 
@@ -170,9 +172,9 @@ class Campaign:
             self.base_path = r.model.policy
             train = read_prompts(r.campaign.prompts)
             self.eval_prompts = read_prompts(r.campaign.eval_prompts)
-        if r.reward.refresh and self.world is None:
-            log("reward.refresh: ignored; it needs TinyWorld's annotators (refresh a real campaign's RMs with new "
-                "preference files in reward.<kind>.data)")
+        if r.reward.refresh and self.world is None and not r.reward.refresh_data:
+            log("reward.refresh: ignored; without TinyWorld's annotators it needs reward.refresh_data (where "
+                "people's comparisons of each round's samples go)")
         # 1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: PPO never trains on
         # them, so their reward measures what PPO's updates generalise to, not what they memorised.
         self.holdout_prompts = [p for p in train if is_held_out(p["prompt"])]
@@ -233,6 +235,11 @@ class Campaign:
                     return found[-1]
         return self.dir / "rm"
 
+    def refreshes(self, k: int) -> bool:
+        """Whether round k refreshes the RMs on its samples: TinyWorld's annotators, or people's comparisons."""
+        rw = self.recipe.reward
+        return rw.refresh and k > 1 and (self.world is not None or bool(rw.refresh_data))
+
     def refreshes_before_ppo(self, k: int) -> bool:
         rw = self.recipe.reward
         return rw.refresh and rw.refresh_before_ppo and self.world is not None and self.runs_rs(k) \
@@ -286,6 +293,9 @@ class Campaign:
 
         rw = self.recipe.reward
         out = out or self.dir / f"v{k}" / "rm"
+        if self.world is None:
+            self.refresh_from_annotations(k, out)
+            return
         tw = self.recipe.tinyworld
         samples: dict = {}
         for row in read_jsonl(samples_file or self.dir / f"v{k}" / "samples.jsonl"):
@@ -334,6 +344,114 @@ class Campaign:
                 shutil.copytree(previous / kind, out / kind)
                 continue
             train_ds, _ = rm_datasets(recipe, kind, None)
+            init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
+            train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
+
+    def annotation_files(self, k: int) -> dict[str, Path]:
+        """Where people's comparisons of round k's pairs go (``reward.refresh_data``), per RM kind."""
+        template = self.recipe.reward.refresh_data
+        return {kind: Path(template.format(round=k, kind=kind)) for kind in ("helpful", "safety")}
+
+    def write_pairs(self, k: int, out: Path) -> Path:
+        """``out/pairs.jsonl``: two distinct samples of round k per train prompt, for people to compare."""
+        import random
+
+        path = out / "pairs.jsonl"
+        if path.is_file():
+            return path
+        rng = random.Random(self.seed(k, "rm"))
+        samples: dict[str, list[str]] = {}
+        tags: dict[str, bool] = {}
+        for row in read_jsonl(self.dir / f"v{k}" / "samples.jsonl"):
+            samples.setdefault(row["prompt"], []).append(row["response"])
+            tags[row["prompt"]] = bool(row.get("is_safety", False))
+        rows = []
+        for prompt, responses in samples.items():
+            distinct = sorted({r for r in responses if r.strip()})  # an empty sample is no response to compare
+            if len(distinct) >= 2:
+                a, b = rng.sample(distinct, 2)
+                rows.append({"prompt": prompt, "is_safety": tags[prompt], "response_0": a, "response_1": b})
+        if not rows:
+            raise UserError(f"v{k}: no train prompt has two distinct samples to compare; raise rs.n or the "
+                            "sampling temperature (rs.temperatures)")
+        atomic_write_jsonl(path, rows)
+        return path
+
+    def refresh_from_annotations(self, k: int, out: Path) -> None:
+        """Refresh both RMs on people's comparisons of round k's samples (``reward.refresh_data``).
+
+        Writes the pairs to annotate, then stops the campaign (a :class:`UserError` naming the files) until both
+        annotation files exist (an empty one: nothing new of that kind, that RM stays); the rerun trains on them
+        as the TinyWorld refresh does: ``previous`` continues
+        from the round before's RMs on the new comparisons plus replayed earlier ones (the recipe's data, its
+        held-out prompts left out, and earlier rounds' annotations), ``initial`` retrains from the initial
+        checkpoint on everything so far. Both RMs are trained on the Llama 2 mix (:func:`reward.mix_for_kind`).
+        """
+        import random
+
+        import datasets
+
+        from .preferences import load_preferences
+        from .reward import _comparisons, mix_for_kind, train_reward_model
+
+        rw = self.recipe.reward
+        pairs = self.write_pairs(k, out)
+        files = self.annotation_files(k)
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise UserError(f"v{k}: the RM refresh waits for people's comparisons of the {len(read_jsonl(pairs))} "
+                            f"pairs in {pairs} (canonical JSONL: prompt, chosen, rejected, level; helpfulness and "
+                            f"safety apart): write {' and '.join(missing)}, then rerun this command")
+        rng = random.Random(self.seed(k, "rm"))
+        previous = self.rm_dir(k - 1)
+        earlier_files = {kind: [self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k)]
+                         for kind in ("helpful", "safety")}
+        new_files: dict[str, Path] = {}
+        for kind, f in files.items():
+            # An empty file says "no new comparisons of this kind": that RM stays as it was.
+            empty = not f.read_text(encoding="utf-8").strip()
+            rows = [] if empty else load_preferences(str(f), format="auto", kind=kind).to_list()  # validated
+            for row in rows:  # each RM gives the levels the margins of its own scheme
+                row.pop("margin")
+            new_files[kind] = out / f"comparisons_{kind}.jsonl"  # the run keeps its own copy
+            atomic_write_jsonl(new_files[kind], rows)
+
+        def load(f: Path, kind: str, scheme: str) -> datasets.Dataset | None:
+            if not f.is_file() or not f.read_text(encoding="utf-8").strip():
+                return None
+            return load_preferences(str(f), format="canonical", kind=kind, margin_scheme=scheme)
+
+        def parts(kind: str, scheme: str) -> datasets.Dataset | None:
+            """``kind`` comparisons of this refresh, margins of ``scheme`` (None: none new)."""
+            new = load(new_files[kind], kind, scheme)
+            if new is None:
+                return None
+            made = [load(f, kind, scheme) for f in earlier_files[kind]]
+            base = _comparisons(self.recipe, kind, scheme, None, test=False, required=False)
+            earlier = [d for d in (base, *made) if d is not None and len(d)]
+            if rw.refresh_from == "initial":
+                return datasets.concatenate_datasets([*earlier, new])
+            old = datasets.concatenate_datasets(earlier) if earlier else None
+            n_replay = min(round(len(new) * rw.refresh_replay), len(old)) if old is not None else 0
+            if not n_replay:
+                return new
+            replay = old.select(sorted(rng.sample(range(len(old)), n_replay)))
+            return datasets.concatenate_datasets([replay, new])
+
+        for kind in ("helpful", "safety"):
+            cfg = getattr(rw, kind)
+            primary = parts(kind, cfg.margin)
+            if primary is None:
+                log(f"v{k} RM refresh: {files[kind]} holds no comparisons; the {kind} RM before stays")
+                if (out / kind).exists():
+                    shutil.rmtree(out / kind)
+                shutil.copytree(previous / kind, out / kind)
+                continue
+            train_ds = mix_for_kind(self.recipe, kind, primary, parts(_OTHER[kind], cfg.margin))
+            recipe = self.recipe
+            if rw.refresh_from == "previous":
+                recipe = dataclasses.replace(recipe, reward=dataclasses.replace(
+                    rw, **{kind: dataclasses.replace(cfg, epochs=rw.refresh_epochs)}))
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
             train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
 
@@ -387,7 +505,7 @@ class Campaign:
         start = self.policy_of(k - 1)
         if self.runs_rs(k):
             self.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: self.rs_sample(k, start))
-            if r.reward.refresh and k > 1 and self.world is not None:
+            if self.refreshes(k):
                 self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety"], lambda: self.refresh_rms(k))
             self.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"],
                        lambda: self.rs_select(k))

@@ -153,6 +153,11 @@ class RewardConfig:
                                    "RS checkpoint and refresh both RMs on those comparisons before PPO, so that "
                                    "PPO's reward is trained where PPO starts (TinyWorld: without it PPO at V5 lost "
                                    "0.04 eval gold).")
+    refresh_data: str = opt("", "Refresh without TinyWorld (people annotate): a path with {round} and {kind}, e.g. "
+                            "annotations/v{round}_{kind}.jsonl. Round k >= 2 writes pairs of its samples to "
+                            "vK/rm/pairs.jsonl and stops until both files (helpful, safety; canonical comparisons of "
+                            "those pairs) exist; rerun to refresh the RMs on them as reward.refresh_from says and "
+                            "go on. Empty = no refresh without TinyWorld.")
 
 
 @dataclass
@@ -424,6 +429,10 @@ def _validate(recipe: Recipe) -> Recipe:
         raise ConfigError("rs.temperatures: give one positive temperature per round (the last repeats)")
     if recipe.rs.top_k > recipe.rs.n:
         raise ConfigError("rs.top_k: cannot keep more samples than rs.n")
+    data = recipe.reward.refresh_data
+    if data and ("{round}" not in data or "{kind}" not in data):
+        raise ConfigError(f"reward.refresh_data: {data!r} needs both {{round}} and {{kind}}, e.g. "
+                          "annotations/v{round}_{kind}.jsonl")
     return recipe
 
 

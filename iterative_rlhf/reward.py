@@ -137,17 +137,22 @@ def rm_datasets(recipe: Recipe, kind: str,
     scheme = cfg.margin
     primary = _comparisons(recipe, kind, scheme, world, test=False)
     other = _comparisons(recipe, _OTHER[kind], scheme, world, test=False, required=False)
+    train = mix_for_kind(recipe, kind, primary, other)
+    test = _comparisons(recipe, kind, scheme, world, test=True)
+    return train, test
+
+
+def mix_for_kind(recipe: Recipe, kind: str, primary: datasets.Dataset,
+                 other: datasets.Dataset | None) -> datasets.Dataset:
+    """One RM's training set: its ``kind`` comparisons mixed with the other kind's as the recipe asks (shuffled)."""
     needs_other = (recipe.reward.helpful_extra_ratio > 0) if kind == "helpful" else recipe.reward.safety_fraction < 1
     if other is None or not needs_other:
         if other is None and needs_other:
             warn(f"{kind} RM: no {_OTHER[kind]} comparisons to mix in (reward.{_OTHER[kind]}.data is empty and "
                  f"there is no TinyWorld); training on the {kind} data alone")
-        train = primary.shuffle(seed=recipe.seed)
-    else:
-        train = mix_for_rm(primary, other, kind, safety_fraction=recipe.reward.safety_fraction,
-                           helpful_extra_ratio=recipe.reward.helpful_extra_ratio, seed=recipe.seed)
-    test = _comparisons(recipe, kind, scheme, world, test=True)
-    return train, test
+        return primary.shuffle(seed=recipe.seed)
+    return mix_for_rm(primary, other, kind, safety_fraction=recipe.reward.safety_fraction,
+                      helpful_extra_ratio=recipe.reward.helpful_extra_ratio, seed=recipe.seed)
 
 
 def rm_test_sets(recipe: Recipe, world: WorldPaths | None) -> dict[str, datasets.Dataset]:

@@ -337,9 +337,12 @@ def test_held_out_prompts_never_reach_ppo(world, world_config, tmp_path, holdout
     assert rs == (ppo | held if holdout_from == "ppo" else ppo)
 
 
-def test_a_campaign_on_the_users_own_data(world, tmp_path):
+def test_a_campaign_on_the_users_own_data_with_people_annotating_each_round(world, tmp_path):
     """No TinyWorld: a local policy checkpoint, preference files without test_data, prompt files made by
-    `iterative-rlhf prompts`. One rs+ppo round end to end: both RMs, RS, SFT, PPO, evaluation and report."""
+    `iterative-rlhf prompts`, and a refresh on people's comparisons (reward.refresh_data; TinyWorld's annotators
+    stand in for the people here). Two rs+ppo rounds end to end: RMs, RS, SFT, PPO, evaluation and report; the
+    campaign stops where round 2 waits for the annotations and goes on when they are there."""
+    import random
     import shutil
 
     import yaml
@@ -347,6 +350,8 @@ def test_a_campaign_on_the_users_own_data(world, tmp_path):
 
     from iterative_rlhf.cli import main
     from iterative_rlhf.io import read_jsonl
+    from iterative_rlhf.tinyworld.annotators import make_comparisons
+    from iterative_rlhf.tinyworld.world import find_prompt
 
     data = tmp_path / "data"
     data.mkdir()
@@ -354,8 +359,9 @@ def test_a_campaign_on_the_users_own_data(world, tmp_path):
         shutil.copy(world.comparisons(kind, "train"), data / f"{kind}.jsonl")
     recipe = {
         "name": "users-data", "model": {"policy": str(world.policy)},
-        "reward": {kind: {"data": [str(data / f"{kind}.jsonl")], "max_length": 64} for kind in ("helpful", "safety")},
-        "rs": {"n": 4, "prompts": 32}, "sft": {"epochs": 1.0},
+        "reward": {**{k: {"data": [str(data / f"{k}.jsonl")], "max_length": 64} for k in ("helpful", "safety")},
+                   "refresh_data": str(tmp_path / "annotations" / "v{round}_{kind}.jsonl")},
+        "rs": {"n": 2}, "sft": {"epochs": 1.0},
         "ppo": {"iterations": 2, "batch_size": 16, "mini_batch_size": 8, "eval_every": 1},
         "campaign": {"eval_samples": 1, "prompts": str(data / "train.jsonl"), "eval_prompts": str(data / "eval.jsonl")},
     }
@@ -371,12 +377,32 @@ def test_a_campaign_on_the_users_own_data(world, tmp_path):
     assert main(["prompts", "--recipe", str(path)]) == 2  # never overwrites without --force
 
     out = tmp_path / "run"
-    run_cli(["round", "--n", "1", "--recipe", str(path), "--out", str(out)])
+    args = [sys.executable, "-m", "iterative_rlhf.cli", "round", "--n", "2", "--recipe", str(path), "--out", str(out)]
+    waiting = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert waiting.returncode == 2, waiting.stderr[-2000:]
+    pairs = out / "v2" / "rm" / "pairs.jsonl"
+    assert "v2: the RM refresh waits for people's comparisons" in waiting.stderr and str(pairs) in waiting.stderr
+    assert "v1/report" in stages_done(out) and "v2/rm" not in stages_done(out)
+
+    rng = random.Random(0)
+    rows = read_jsonl(pairs)
+    assert rows and all(r["response_0"] != r["response_1"] for r in rows)
+    (tmp_path / "annotations").mkdir()
+    made = {}
+    for kind in ("helpful", "safety"):
+        made[kind] = [c for r in rows for c in make_comparisons(
+            kind, {find_prompt(r["prompt"]): [r["response_0"], r["response_1"]]}, 1, rng, 0.35, 0.01, "people")]
+        (tmp_path / "annotations" / f"v2_{kind}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in made[kind]))
+    run_cli(args[3:])
+    assert made["helpful"] and made["safety"]
+    for kind in ("helpful", "safety"):
+        assert len(read_jsonl(out / "v2" / "rm" / f"comparisons_{kind}.jsonl")) == len(made[kind])
+        assert (out / "v2" / "rm" / kind / "train_log.jsonl").is_file()  # trained, not copied
     report = json.loads((out / "report.json").read_text())
-    v0, v1 = report["rounds"]
-    assert v1["eval"]["n_prompts"] == len(evals) and v1["eval"]["gold"] is None
-    assert v1["policy"] == "v1/ppo/policy" and v1["selection"] and v1["ppo"]["history"]
-    assert v1["eval"]["kl_to_base"] > 0 and v0["eval"]["gold"] is None
+    v0, v1, v2 = report["rounds"]
+    assert v2["eval"]["n_prompts"] == len(evals) and v2["eval"]["gold"] is None and v0["eval"]["gold"] is None
+    assert v2["policy"] == "v2/ppo/policy" and v2["selection"] and v2["ppo"]["history"] and v2["times"]["rm"] > 0
+    assert v1["eval"]["kl_to_base"] > 0
     rm_eval = json.loads((out / "rm" / "eval" / "rm_eval.json").read_text())
     assert all(rm_eval["test_sets"][kind] > 0 for kind in ("helpful", "safety"))  # the held-out comparisons
-    AutoModelForCausalLM.from_pretrained(out / "v1" / "ppo" / "policy")
+    AutoModelForCausalLM.from_pretrained(out / "v2" / "ppo" / "policy")
