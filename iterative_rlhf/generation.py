@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .chat import prompt_messages
 from .config import GenerationConfig
 from .console import progress
 from .errors import UserError
@@ -65,12 +66,13 @@ def _dtype(name: str) -> torch.dtype | str:
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:  # noqa: ANN001
-    """Render user prompts with the checkpoint's chat template, opening the assistant turn."""
+    """Render prompts with the checkpoint's chat template, opening the assistant turn (:mod:`iterative_rlhf.chat`:
+    one user turn, or an HH dialogue's turns)."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: the tokenizer has no chat template; "
                         "set tokenizer.chat_template (a Jinja template) and save it with the checkpoint")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    return [tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True)
+            for p in prompts]
 
 
 class HFEngine:

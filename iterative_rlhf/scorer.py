@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ._quiet import quiet_progress_bars, small_model_threads
+from .chat import prompt_messages
 from .checkpoint import load_reward_model, load_tokenizer
 from .config import Recipe, ScorerConfig
 from .console import log, progress, warn
@@ -61,12 +62,13 @@ __all__ = ["GatedScorer", "RewardModelScorer", "ScoreBatch", "encode", "encode_a
 def encode(tokenizer, prompt: str, response: str) -> list[int]:  # noqa: ANN001
     """Token ids of one (prompt, response) pair as the reward model reads it.
 
-    The chat template over ``[{"role": "user", ...}, {"role": "assistant", ...}]``,
+    The chat template over ``[{"role": "user", ...}, {"role": "assistant", ...}]`` (an HH dialogue's earlier
+    turns first: :func:`iterative_rlhf.chat.prompt_messages`),
     tokenised by ``apply_chat_template`` (special tokens come from the template,
     e.g. BOS and the EOS closing the assistant turn): the same ids TRL's
     ``RewardTrainer`` builds from a conversational row.
     """
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    messages = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 

@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from .chat import prompt_messages
 from .checkpoint import apply_lora, load_causal_lm, load_tokenizer, save_checkpoint
 from .config import Recipe
 from .console import log, warn
@@ -27,7 +28,7 @@ def sft_dataset(rows: list[dict]):  # noqa: ANN201
     if not rows:
         raise UserError("no selected samples to fine-tune on (every candidate was empty?)")
     return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}],
+        {"prompt": prompt_messages(r["prompt"]),
          "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
 
 

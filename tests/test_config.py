@@ -64,6 +64,7 @@ def test_overrides():
     ("rs.temperatures=1.0", "expected a list"),
     ("sft.quant.load_in_4bit=true", "set sft.lora.enabled=true"),
     ("rs", "expected key=value"),
+    ("reward.refresh_data=annotations/v{round}.jsonl", "needs both {round} and {kind}"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:

@@ -150,6 +150,13 @@ def test_real_hh_harmless_base_test():
     assert all(ds["is_safety"])
     assert all(p.startswith("Human:") and p.endswith("\n\nAssistant:") for p in ds["prompt"])
     assert all(c and r and c != r for c, r in zip(ds["chosen"], ds["rejected"]))
+    # every prompt becomes alternating chat turns that end with the user's (iterative_rlhf.chat)
+    from iterative_rlhf.chat import prompt_messages
+
+    turns = [prompt_messages(p) for p in ds["prompt"]]
+    assert all(m[-1]["role"] == "user" and "Human:" not in m[0]["content"] for m in turns)
+    assert all(a["role"] != b["role"] for m in turns for a, b in zip(m, m[1:]))
+    assert max(len(m) for m in turns) > 3
 
 
 # --------------------------------------------------------------------------- PKU-SafeRLHF
