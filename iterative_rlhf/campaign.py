@@ -317,6 +317,7 @@ class Campaign:
             made = [f / f"comparisons_{kind}.jsonl" for j in range(1, k + 1)
                     for f in (self.dir / f"v{j}" / "rm", self.dir / f"v{j}" / "ppo_rm") if f != out]
             earlier[kind] = [self.world.comparisons(kind, "train"), *(f for f in made if f.is_file())]
+        self.new_batch(previous, new_files, out)
         recipe = dataclasses.replace(self.recipe)
         recipe.reward = dataclasses.replace(recipe.reward)
         for kind in ("helpful", "safety"):
@@ -415,6 +416,7 @@ class Campaign:
                 row.pop("margin")
             new_files[kind] = out / f"comparisons_{kind}.jsonl"  # the run keeps its own copy
             atomic_write_jsonl(new_files[kind], rows)
+        self.new_batch(previous, new_files, out)
 
         def load(f: Path, kind: str, scheme: str) -> datasets.Dataset | None:
             if not f.is_file() or not f.read_text(encoding="utf-8").strip():
@@ -454,6 +456,18 @@ class Campaign:
                     rw, **{kind: dataclasses.replace(cfg, epochs=rw.refresh_epochs)}))
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
             train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
+
+    def new_batch(self, previous: Path, new_files: dict[str, Path], out: Path) -> None:
+        """``out/new_batch.json``: the RMs before a refresh scored on its new comparisons, per kind and level."""
+        from .reward import new_batch_accuracy
+
+        report: dict[str, Any] = {}
+        for kind, f in new_files.items():
+            rows = read_jsonl(f) if f.is_file() and f.stat().st_size else []
+            acc = new_batch_accuracy(previous / kind, rows, batch_size=self.recipe.scorer.batch_size,
+                                     trust_remote_code=self.recipe.model.trust_remote_code)
+            report[kind] = None if acc is None else {"rm": str((previous / kind).relative_to(self.dir)), **acc}
+        atomic_write_json(out / "new_batch.json", report)
 
     def scorer(self, k: int, whiten=None):  # noqa: ANN001, ANN201
         from .scorer import GatedScorer
@@ -506,15 +520,16 @@ class Campaign:
         if self.runs_rs(k):
             self.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: self.rs_sample(k, start))
             if self.refreshes(k):
-                self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety"], lambda: self.refresh_rms(k))
+                self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety", d / "rm" / "new_batch.json"],
+                           lambda: self.refresh_rms(k))
             self.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"],
                        lambda: self.rs_select(k))
             self.stage(f"v{k}/sft", [d / "rs_policy"], lambda: self.sft(k))
         if self.runs_ppo(k):
             ppo_start = str(d / "rs_policy") if self.runs_rs(k) else start
             if self.refreshes_before_ppo(k):
-                self.stage(f"v{k}/ppo_rm", [d / "ppo_rm" / "helpful", d / "ppo_rm" / "safety"],
-                           lambda: self.ppo_refresh(k))
+                self.stage(f"v{k}/ppo_rm", [d / "ppo_rm" / "helpful", d / "ppo_rm" / "safety",
+                                            d / "ppo_rm" / "new_batch.json"], lambda: self.ppo_refresh(k))
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
         if r.campaign.select == "best":
             self.stage(f"v{k}/select", [d / "select.json", d / "select_samples.jsonl"], lambda: self.select(k))
@@ -801,6 +816,8 @@ class Campaign:
             "ppo": {key: v for key, v in ppo.items() if key != "seconds"} if ppo else None,
             "select": {key: v for key, v in sel.items() if key != "seconds"} if sel else None,
             "times": times, "samples": ev.get("samples"),
+            "rm_new_batch": {name: json.loads((d / name / "new_batch.json").read_text())
+                             for name in ("rm", "ppo_rm") if (d / name / "new_batch.json").is_file()} or None,
         }
         atomic_write_jsonl(d / "metrics.jsonl", self.training_metrics(k))
         atomic_write_json(d / "report.json", report)

@@ -760,6 +760,27 @@ def _rm_section(rm_eval: dict | None) -> _Section:
     return _Section("Reward models", blocks or [_Text("rm_eval.json has no accuracy rows.")])
 
 
+def _new_batch_section(rounds: Sequence[dict]) -> _Section | None:
+    """Each refresh's new comparisons as judged by the RMs before it: how well they still read the policy."""
+    rows = []
+    for r in rounds:
+        batches = r.get("rm_new_batch")
+        if not isinstance(batches, dict):
+            continue
+        for name, when in (("rm", "before rejection sampling"), ("ppo_rm", "before PPO")):
+            for kind, a in (batches.get(name) or {}).items():
+                if isinstance(a, dict):
+                    n = a.get("n") if isinstance(a.get("n"), dict) else {}
+                    rows.append([_name(r), when, kind, str(a.get("rm", "-")), _cell(n.get("all"), "d")]
+                                + [_fmt(_num(a.get(k))) for k in (*_LEVELS, "avg")])
+    if not rows:
+        return None
+    head = ["round", "refresh", "RM", "RM before", "comparisons", *(lv.replace("_", " ") for lv in _LEVELS), "avg"]
+    return _Section("Reward models on each refresh's new comparisons", [_Table(
+        head, rows, "Accuracy of the RMs of the round before on the comparisons each refresh then trains on "
+        "(at most 512 per RM): how well the RMs still judge the policy's latest samples.")])
+
+
 def _sample_value(s: dict, *keys: str) -> Any:
     for k in keys:
         if s.get(k) is not None:
@@ -833,7 +854,8 @@ def write_report(run_dir: str | os.PathLike) -> dict:
     sections = [_Section("Summary", [intro, _Table([h for _, h, _ in SUMMARY_COLUMNS],
                                                    [_summary_cells(row) for row in summary])]),
                 *_round_sections(rounds), _rs_section(rounds), _ppo_section(rounds),
-                _Section("Plots", _plot_blocks(plots, notes)), _rm_section(rm_eval), _samples_section(rounds)]
+                _Section("Plots", _plot_blocks(plots, notes)), _rm_section(rm_eval),
+                *filter(None, [_new_batch_section(rounds)]), _samples_section(rounds)]
 
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(title, sections))

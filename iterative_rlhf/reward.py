@@ -55,8 +55,8 @@ from .scorer import RewardModelScorer, encode_all, quiet_progress_bars, small_mo
 if TYPE_CHECKING:
     from .tinyworld.build import WorldPaths
 
-__all__ = ["KINDS", "campaign_prompt_files", "evaluate_reward_models", "rm_datasets", "rm_test_sets",
-           "train_reward_model"]
+__all__ = ["KINDS", "campaign_prompt_files", "evaluate_reward_models", "new_batch_accuracy", "rm_datasets",
+           "rm_test_sets", "train_reward_model"]
 
 KINDS: tuple[str, ...] = ("helpful", "safety")
 _OTHER = {"helpful": "safety", "safety": "helpful"}
@@ -525,6 +525,31 @@ def _level_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, levels: list[s
     counts["all"] = len(correct)
     row["n"] = counts
     return row
+
+
+def new_batch_accuracy(rm_path: str | os.PathLike, rows: list[dict], *, limit: int = 512, dtype: str = "float32",
+                       batch_size: int = 64, trust_remote_code: bool = False) -> dict[str, Any] | None:
+    """Accuracy of an RM on comparisons it has not trained on yet, per preference level (Table 8 layout).
+
+    Run on each refresh's new comparisons with the RMs that scored the round before, it shows how well the
+    RMs still judge the policy's latest samples, which is why Llama 2 collected new preferences every round
+    (§3.2.2). At most ``limit`` comparisons (a fixed random subset); None when there are none.
+    """
+    import random
+
+    if not rows:
+        return None
+    if len(rows) > limit:
+        rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), limit))]
+    texts: dict[tuple[str, str], int] = {}
+    ci = [texts.setdefault((r["prompt"], r["chosen"]), len(texts)) for r in rows]
+    ri = [texts.setdefault((r["prompt"], r["rejected"]), len(texts)) for r in rows]
+    scorer = RewardModelScorer(rm_path, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    try:
+        s = scorer.score([p for p, _ in texts], [x for _, x in texts], "scoring the new comparisons")  # (U,)
+    finally:
+        scorer.close()
+    return _level_accuracy(s[torch.tensor(ci)], s[torch.tensor(ri)], [r.get("level") for r in rows])
 
 
 def _save_figure(fig, path: Path) -> None:  # noqa: ANN001

@@ -170,7 +170,16 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         rows = [json.loads(x) for x in (d / f"v{k}" / "select_samples.jsonl").read_text().splitlines()]
         assert rows and all(held_out(r["prompt"]) for r in rows) and len(rows) == 2 * 2 * sel["prompts"]
     assert json.loads((d / "v1" / "select.json").read_text())["previous"]["policy"] == "base"
-    md = (d / "report.md").read_text()  # the selection table: the kept policy of each round
+    # Each refresh first scores its new comparisons with the RMs it starts from (at most 512 per RM).
+    assert report["rounds"][1]["rm_new_batch"].keys() == {"ppo_rm"}
+    for name, before in (("rm", "v1/ppo_rm"), ("ppo_rm", "v2/rm")):
+        batch = report["rounds"][2]["rm_new_batch"][name]
+        n_new = len((d / "v2" / name / "comparisons_helpful.jsonl").read_text().splitlines())
+        assert batch["helpful"]["rm"] == f"{before}/helpful" and batch["helpful"]["n"]["all"] == min(n_new, 512)
+        assert 0 <= batch["helpful"]["avg"] <= 1
+    md = (d / "report.md").read_text()
+    assert "## Reward models on each refresh's new comparisons" in md and "| v2 | before PPO | helpful |" in md
+    # the selection table: the kept policy of each round
     assert "| round | kept | trained R_c | trained se | previous R_c |" in md
     assert f"| v2 | {json.loads((d / 'v2' / 'select.json').read_text())['policy']} |" in md
 
@@ -402,6 +411,8 @@ def test_a_campaign_on_the_users_own_data_with_people_annotating_each_round(worl
     v0, v1, v2 = report["rounds"]
     assert v2["eval"]["n_prompts"] == len(evals) and v2["eval"]["gold"] is None and v0["eval"]["gold"] is None
     assert v2["policy"] == "v2/ppo/policy" and v2["selection"] and v2["ppo"]["history"] and v2["times"]["rm"] > 0
+    batch = v2["rm_new_batch"]["rm"]  # people's comparisons, scored by the RMs before the refresh
+    assert batch["helpful"]["n"]["all"] == len(made["helpful"]) and batch["helpful"]["rm"] == "rm/helpful"
     assert v1["eval"]["kl_to_base"] > 0
     rm_eval = json.loads((out / "rm" / "eval" / "rm_eval.json").read_text())
     assert all(rm_eval["test_sets"][kind] > 0 for kind in ("helpful", "safety"))  # the held-out comparisons
