@@ -458,13 +458,15 @@ class Campaign:
             train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
 
     def new_batch(self, previous: Path, new_files: dict[str, Path], out: Path) -> None:
-        """``out/new_batch.json``: the RMs before a refresh scored on its new comparisons, per kind and level."""
+        """``out/new_batch.json``: the RMs before a refresh scored on (``reward.refresh_check`` of) its new
+        comparisons, per kind and level."""
         from .reward import new_batch_accuracy
 
         report: dict[str, Any] = {}
+        limit = self.recipe.reward.refresh_check
         for kind, f in new_files.items():
-            rows = read_jsonl(f) if f.is_file() and f.stat().st_size else []
-            acc = new_batch_accuracy(previous / kind, rows, batch_size=self.recipe.scorer.batch_size,
+            rows = read_jsonl(f) if limit and f.is_file() and f.stat().st_size else []
+            acc = new_batch_accuracy(previous / kind, rows, limit=limit, batch_size=self.recipe.scorer.batch_size,
                                      trust_remote_code=self.recipe.model.trust_remote_code)
             report[kind] = None if acc is None else {"rm": str((previous / kind).relative_to(self.dir)), **acc}
         atomic_write_json(out / "new_batch.json", report)

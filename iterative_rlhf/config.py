@@ -153,6 +153,9 @@ class RewardConfig:
                                    "RS checkpoint and refresh both RMs on those comparisons before PPO, so that "
                                    "PPO's reward is trained where PPO starts (TinyWorld: without it PPO at V5 lost "
                                    "0.04 eval gold).")
+    refresh_check: int = opt(256, "Refresh: new comparisons per RM that the RMs before the refresh score first "
+                             "(accuracy per level in new_batch.json and the report: how well they still judge the "
+                             "policy's latest samples; ~0.6 s per refresh on TinyWorld); 0 = skip.", min=0)
     refresh_data: str = opt("", "Refresh without TinyWorld (people annotate): a path with {round} and {kind}, e.g. "
                             "annotations/v{round}_{kind}.jsonl. Round k >= 2 writes pairs of its samples to "
                             "vK/rm/pairs.jsonl and stops until both files (helpful, safety; canonical comparisons of "

@@ -778,7 +778,7 @@ def _new_batch_section(rounds: Sequence[dict]) -> _Section | None:
     head = ["round", "refresh", "RM", "RM before", "comparisons", *(lv.replace("_", " ") for lv in _LEVELS), "avg"]
     return _Section("Reward models on each refresh's new comparisons", [_Table(
         head, rows, "Accuracy of the RMs of the round before on the comparisons each refresh then trains on "
-        "(at most 512 per RM): how well the RMs still judge the policy's latest samples.")])
+        "(at most reward.refresh_check per RM): how well the RMs still judge the policy's latest samples.")])
 
 
 def _sample_value(s: dict, *keys: str) -> Any:

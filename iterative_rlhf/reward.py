@@ -527,7 +527,7 @@ def _level_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, levels: list[s
     return row
 
 
-def new_batch_accuracy(rm_path: str | os.PathLike, rows: list[dict], *, limit: int = 512, dtype: str = "float32",
+def new_batch_accuracy(rm_path: str | os.PathLike, rows: list[dict], *, limit: int = 256, dtype: str = "float32",
                        batch_size: int = 64, trust_remote_code: bool = False) -> dict[str, Any] | None:
     """Accuracy of an RM on comparisons it has not trained on yet, per preference level (Table 8 layout).
 

@@ -170,12 +170,12 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         rows = [json.loads(x) for x in (d / f"v{k}" / "select_samples.jsonl").read_text().splitlines()]
         assert rows and all(held_out(r["prompt"]) for r in rows) and len(rows) == 2 * 2 * sel["prompts"]
     assert json.loads((d / "v1" / "select.json").read_text())["previous"]["policy"] == "base"
-    # Each refresh first scores its new comparisons with the RMs it starts from (at most 512 per RM).
+    # Each refresh first scores its new comparisons with the RMs it starts from (reward.refresh_check per RM).
     assert report["rounds"][1]["rm_new_batch"].keys() == {"ppo_rm"}
     for name, before in (("rm", "v1/ppo_rm"), ("ppo_rm", "v2/rm")):
         batch = report["rounds"][2]["rm_new_batch"][name]
         n_new = len((d / "v2" / name / "comparisons_helpful.jsonl").read_text().splitlines())
-        assert batch["helpful"]["rm"] == f"{before}/helpful" and batch["helpful"]["n"]["all"] == min(n_new, 512)
+        assert batch["helpful"]["rm"] == f"{before}/helpful" and batch["helpful"]["n"]["all"] == min(n_new, 256)
         assert 0 <= batch["helpful"]["avg"] <= 1
     md = (d / "report.md").read_text()
     assert "## Reward models on each refresh's new comparisons" in md and "| v2 | before PPO | helpful |" in md
