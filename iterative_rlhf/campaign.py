@@ -402,7 +402,8 @@ class Campaign:
         if missing:
             raise UserError(f"v{k}: the RM refresh waits for people's comparisons of the {len(read_jsonl(pairs))} "
                             f"pairs in {pairs} (canonical JSONL: prompt, chosen, rejected, level; helpfulness and "
-                            f"safety apart): write {' and '.join(missing)}, then rerun this command")
+                            f"safety apart, e.g. `iterative-rlhf annotate {pairs} --kind helpful --out "
+                            f"{files['helpful']}`): write {' and '.join(missing)}, then rerun this command")
         rng = random.Random(self.seed(k, "rm"))
         previous = self.rm_dir(k - 1)
         earlier_files = {kind: [self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k)]

@@ -208,6 +208,12 @@ def cmd_prompts(args: argparse.Namespace) -> None:
                           force=args.force)
 
 
+def cmd_annotate(args: argparse.Namespace) -> None:
+    from .annotate import annotate
+
+    annotate(args.pairs, args.out, args.kind, safety_only=args.safety_only)
+
+
 def _world_if_used(recipe):  # noqa: ANN001, ANN202
     if recipe.model.policy != "tinyworld":
         return None
@@ -297,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Keep at most this many eval prompts (chosen by hash; default: all).")
     p.add_argument("--force", action="store_true", help="Overwrite existing prompt files.")
     p.set_defaults(func=cmd_prompts)
+
+    p = sub.add_parser("annotate", help="Compare a round's pairs in the terminal (people's comparisons for an RM "
+                       "refresh).", description="Shows each pair of a campaign's vK/rm/pairs.jsonl as responses A "
+                       "and B, asks which is more helpful (or safer) and by how much on Llama 2's four levels, and "
+                       "writes canonical comparisons: the file reward.refresh_data names. Every answer is saved; "
+                       "rerun to go on where you stopped.")
+    p.add_argument("pairs", type=Path, help="A round's pairs.jsonl (prompt, response_0, response_1, is_safety).")
+    p.add_argument("--kind", choices=["helpful", "safety"], required=True, help="Which RM the comparisons feed.")
+    p.add_argument("--out", type=Path, required=True, help="Comparisons JSONL (appended to when it exists).")
+    p.add_argument("--safety-only", action="store_true", help="Only the pairs of safety-tagged prompts.")
+    p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("round", help="Run a campaign of rounds V1..Vn (the main job); resumable.")
     _add_recipe_args(p)

@@ -14,7 +14,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     for cmd in ("round", "rs", "ppo", "rm", "score", "sample", "tinyworld", "report", "compare", "config",
-                "prompts"):
+                "prompts", "annotate"):
         assert cmd in out
 
 
