@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
+
 from .console import console
 from .errors import DataError, UserError
 from .io import atomic_write_jsonl, read_jsonl
@@ -57,7 +59,7 @@ def annotate(pairs_path: str | os.PathLike, out_path: str | os.PathLike, kind: s
     """
     if kind not in QUESTION:
         raise UserError(f"unknown kind {kind!r}; use 'helpful' or 'safety'")
-    ask = ask or (lambda q: console.input(q))
+    ask = ask or (lambda q: console.input(escape(q)))  # "[a/b/s/q]" is text, not markup
     pairs = [p for p in read_pairs(pairs_path) if not safety_only or p.get("is_safety")]
     out = Path(out_path)
     done = read_jsonl(out, required=["prompt", "chosen", "rejected", "level"]) if out.is_file() and \
