@@ -919,8 +919,53 @@ _COMPARE_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c[0] not in ("name", "fal
                                                                      "response_words"))
 
 
+def _recipe_but_seed(run_dir: Path) -> tuple[str | None, int | None]:
+    """``(the run's resolved recipe less its seed, the seed)``, defaults filled in so that runs of older versions
+    match; ``(None, None)`` when the folder has no config.yaml or it does not load."""
+    import dataclasses
+
+    from .config import load_recipe
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, None
+    try:
+        cfg = dataclasses.asdict(load_recipe(path))
+    except UserError:
+        return None, None
+    seed = cfg.pop("seed")
+    return json.dumps(cfg, sort_keys=True), seed
+
+
+def _seed_groups(runs: list[dict], keys: list[str]) -> list[dict]:
+    """Runs whose recipes differ only in ``seed``: mean and sample sd of each final-round metric (2+ runs)."""
+    by_recipe: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("recipe_but_seed"):
+            by_recipe.setdefault(r["recipe_but_seed"], []).append(r)
+    groups = []
+    for members in by_recipe.values():
+        if len(members) < 2:
+            continue
+        mean, sd = {}, {}
+        for k in keys:
+            xs = [float(m["final"][k]) for m in members if _num(m["final"].get(k)) is not None]
+            mean[k] = sum(xs) / len(xs) if xs else None
+            sd[k] = math.sqrt(sum((x - mean[k]) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+        groups.append({"group": members[0]["run"], "runs": [m["run"] for m in members], "n": len(members),
+                       "seeds": [m.get("seed") for m in members], "mean": mean, "sd": sd})
+    return groups
+
+
+def _mean_sd(mean: Any, sd: Any) -> str:
+    if _num(mean) is None:
+        return "-"
+    return f"{mean:.3f} ± {sd:.3f}" if _num(sd) is not None else f"{mean:.3f}"
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> dict:
-    """Set run directories side by side: final-round metrics and the best round of each.
+    """Set run directories side by side: final-round metrics and the best round of each, and for runs whose
+    recipes differ only in the seed, the mean and sd of their final rounds.
 
     Writes ``compare.json``, ``compare.md`` and ``compare.png`` (gold and gated reward
     per round, one line per run) to ``out`` (default: the first run's parent / "compare"),
@@ -935,7 +980,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         rounds = load_rounds(d)
         cfg = _read_config(d)
         rows = summary_rows(rounds)
-        runs.append({"run": label, "path": str(d), "recipe": cfg.get("name"),
+        but_seed, seed = _recipe_but_seed(d)
+        runs.append({"run": label, "path": str(d), "recipe": cfg.get("name"), "seed": seed,
+                     "recipe_but_seed": but_seed,
                      "mode": _get(cfg, "campaign", "mode") or rounds[-1].get("mode"),
                      "scorer": _get(cfg, "scorer", "kind") or rounds[-1].get("scorer"),
                      "round_numbers": [int(r["round"]) for r in rounds], "rounds": rows, "final": rows[-1],
@@ -943,7 +990,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     note = _plot_compare(runs, out / "compare.png")
     if note is not None and (out / "compare.png").exists():
         (out / "compare.png").unlink()
-    result = {"runs": runs, "plot": "compare.png" if note is None else None, "note": note}
+    groups = _seed_groups(runs, [k for k, _, _ in _COMPARE_COLUMNS])
+    for r in runs:
+        r.pop("recipe_but_seed")
+    result = {"runs": runs, "seed_groups": groups, "plot": "compare.png" if note is None else None, "note": note}
 
     columns = ["run", "mode", "scorer", "final round", *(h for _, h, _ in _COMPARE_COLUMNS), "best round",
                "best by", "best value"]
@@ -951,6 +1001,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
              r["best"]["name"], r["best"]["by"], r["best"]["value"]] for r in runs]
     blocks: list = [_Table(columns, [[_fmt(v) for v in row] for row in rows],
                            "Final-round metrics of each run; best round by gold (TinyWorld) else by gated R_c.")]
+    if groups:
+        blocks.append(_Table(["group", "seeds", "runs", *(h for _, h, _ in _COMPARE_COLUMNS)],
+                             [[g["group"], str(g["n"]), ", ".join(g["runs"]),
+                               *(_mean_sd(g["mean"][k], g["sd"][k]) for k, _, _ in _COMPARE_COLUMNS)]
+                              for g in groups],
+                             "Seed groups: runs whose recipes differ only in the seed, final round, mean ± sample "
+                             "sd over the seeds (named after the group's first run)."))
     blocks.append(_Plot("compare.png", "gold and gated reward per round") if note is None
                   else _Text(f"compare.png: skipped, {note}."))
     for r in runs:
@@ -963,5 +1020,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
           ["run", "final", *(short for k, _, short in _COMPARE_COLUMNS if k in console_keys), "best", "value"],
           [[r["run"], r["final"]["name"], *(r["final"][k] for k in console_keys), r["best"]["name"],
             r["best"]["value"]] for r in runs])
+    if groups:
+        table("seed groups: final round, mean ± sd over the seeds", ["group", "seeds", "gold", "viol", "R_c"],
+              [[g["group"], g["n"], *(_mean_sd(g["mean"][k], g["sd"][k]) for k in ("gold", "violation_rate",
+                                                                                   "gated_mean"))]
+               for g in groups])
     log(f"comparison -> {out / 'compare.md'} (compare.json, compare.png)")
     return result

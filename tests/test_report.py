@@ -162,6 +162,22 @@ def test_compare_runs(tmp_path: Path) -> None:
     assert (tmp_path / "elsewhere" / "compare.md").is_file() and len(other["runs"]) == 1
 
 
+def test_compare_groups_runs_that_differ_only_in_the_seed(tmp_path: Path) -> None:
+    rounds = _rounds()
+    second = json.loads(json.dumps(rounds))
+    second[-1]["eval"]["gold"]["gold"] = 0.771  # the same recipe with seed 1 ends 0.1 higher
+    a = make_run(tmp_path, "runA", rounds, config=RS_CONFIG)
+    a1 = make_run(tmp_path, "runA-seed1", second, config="seed: 1\n" + RS_CONFIG)
+    b = make_run(tmp_path, "runB", _rounds(), config=RS_CONFIG.replace("kind: gated", "kind: helpful"))
+    result = compare_runs([a, b, a1], tmp_path / "cmp")
+    [group] = result["seed_groups"]
+    assert group["runs"] == ["runA", "runA-seed1"] and group["seeds"] == [0, 1] and group["n"] == 2
+    assert group["mean"]["gold"] == pytest.approx(0.721) and group["sd"]["gold"] == pytest.approx(0.1 / 2 ** 0.5)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| runA | 2 | runA, runA-seed1 |" in md and "0.721 ± 0.071" in md
+    assert not compare_runs([a, b], tmp_path / "cmp2")["seed_groups"]
+
+
 def test_missing_round_reports(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"no round reports \(vK/report.json\); run `iterative-rlhf round` first"):
         load_rounds(tmp_path)
