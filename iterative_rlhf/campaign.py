@@ -49,7 +49,7 @@ from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_p
 
 _OTHER = {"helpful": "safety", "safety": "helpful"}
 STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
-               "select_previous": 9}
+               "select_previous": 9, "rs_temperature": 10}
 
 
 class Manifest:
@@ -521,13 +521,7 @@ class Campaign:
         r = self.recipe
         start = self.policy_of(k - 1)
         if self.runs_rs(k):
-            self.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: self.rs_sample(k, start))
-            if self.refreshes(k):
-                self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety", d / "rm" / "new_batch.json"],
-                           lambda: self.refresh_rms(k))
-            self.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"],
-                       lambda: self.rs_select(k))
-            self.stage(f"v{k}/sft", [d / "rs_policy"], lambda: self.sft(k))
+            self.run_rs(k, start)
         if self.runs_ppo(k):
             ppo_start = str(d / "rs_policy") if self.runs_rs(k) else start
             if self.refreshes_before_ppo(k):
@@ -539,6 +533,74 @@ class Campaign:
         self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
         self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k))
 
+    def run_rs(self, k: int, start: str) -> None:
+        """Round k's rejection sampling from policy ``start``: (the temperature search,) sample, (refresh the RMs
+        on the samples,) select the best, fine-tune on them; each a stage."""
+        d = self.dir / f"v{k}"
+        if self.recipe.rs.temperature_search:
+            self.stage(f"v{k}/rs_temperature", [d / "temperature.json"], lambda: self.search_temperature(k, start))
+        self.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: self.rs_sample(k, start))
+        if self.refreshes(k):
+            self.stage(f"v{k}/rm", [d / "rm" / "helpful", d / "rm" / "safety", d / "rm" / "new_batch.json"],
+                       lambda: self.refresh_rms(k))
+        self.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"],
+                   lambda: self.rs_select(k))
+        self.stage(f"v{k}/sft", [d / "rs_policy"], lambda: self.sft(k))
+
+    def rs_temperature(self, k: int) -> float:
+        """Round k's sampling temperature: what ``rs.temperature_search`` chose, else ``rs.temperatures``."""
+        f = self.dir / f"v{k}" / "temperature.json"
+        if self.recipe.rs.temperature_search and f.is_file():
+            return float(json.loads(f.read_text())["chosen"])
+        return self.recipe.temperature_for(k)
+
+    def search_temperature(self, k: int, policy: str) -> None:
+        """``vK/temperature.json``: the temperature round k samples at, re-tuned as Llama 2 did (§3.2.3, Fig. 8).
+
+        ``rs.n`` samples per prompt of a probe (``rs.temperature_search_prompts`` train prompts, drawn per round)
+        at each candidate temperature, scored by the RMs of the round before (those the round's samples will
+        meet before any refresh); the candidate with the highest mean over prompts of the best-of-N gated R_c
+        wins (the first of equals). The mean of the per-prompt median is recorded beside it: their gap is what
+        rejection sampling can gain at that temperature.
+        """
+        import random
+
+        from .generation import fit_prompts, make_engine
+
+        r = self.recipe
+        t = time.time()
+        seed = self.seed(k, "rs_temperature")
+        probe = random.Random(seed).sample(self.train_prompts, min(r.rs.temperature_search_prompts,
+                                                                   len(self.train_prompts)))
+        engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
+        samples = {}
+        try:
+            texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in probe], r.model.max_prompt_length,
+                                f"v{k} temperature search")
+            for temp in r.rs.temperature_search:
+                samples[temp] = engine.generate(texts, r.rs.n, temp, r.generation.max_new_tokens, seed)
+        finally:
+            engine.close()
+        candidates = []
+        with self.scorer(k - 1) as scorer:
+            for temp, res in samples.items():
+                rows = [(p, c.text) for p, comps in zip(probe, res, strict=True) for c in comps]
+                b = scorer.score([p["prompt"] for p, _ in rows], [text for _, text in rows],
+                                 [bool(p.get("is_safety", False)) for p, _ in rows])
+                rc = b.r_c.view(len(probe), -1)  # (P, N)
+                best, median = float(rc.max(dim=1).values.mean()), float(rc.median(dim=1).values.mean())
+                if not (math.isfinite(best) and math.isfinite(median)):
+                    raise NumericalError(f"v{k} temperature search: a non-finite R_c at temperature {temp}; check "
+                                         f"the RMs in {self.rm_dir(k - 1)}")
+                candidates.append({"temperature": temp, "best_of_n": best, "median": median,
+                                   "distinct": sum(len({c.text for c in comps}) for comps in res) / len(res)})
+        chosen = max(candidates, key=lambda c: c["best_of_n"])["temperature"]
+        atomic_write_json(self.dir / f"v{k}" / "temperature.json", {
+            "chosen": chosen, "candidates": candidates, "prompts": len(probe), "n": r.rs.n,
+            "rm": str(self.rm_dir(k - 1).relative_to(self.dir)), "seconds": time.time() - t})
+        tried = ", ".join(f"{c['temperature']:g} -> {c['best_of_n']:.3f}" for c in candidates)
+        log(f"v{k} temperature search: {tried} (mean best-of-{r.rs.n} R_c); sampling at {chosen:g}")
+
     def rs_sample(self, k: int, policy: str, out: Path | None = None, stage: str = "rs_sample") -> None:
         from .generation import fit_prompts, make_engine
 
@@ -549,8 +611,8 @@ class Campaign:
         try:
             texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in self.train_prompts],
                                 r.model.max_prompt_length, f"v{k} rejection sampling")
-            res = engine.generate(texts, r.rs.n, r.temperature_for(k), r.generation.max_new_tokens,
-                                  self.seed(k, stage))
+            temperature = self.rs_temperature(k) if stage == "rs_sample" else r.temperature_for(k)
+            res = engine.generate(texts, r.rs.n, temperature, r.generation.max_new_tokens, self.seed(k, stage))
         finally:
             engine.close()
         rows = [{"prompt": p["prompt"], "is_safety": bool(p.get("is_safety", False)), "sample": j,
@@ -605,7 +667,7 @@ class Campaign:
         n = r.rs.n
         rewards = torch.tensor([c.reward for c in new]).view(-1, n)  # (P, N)
         stats = selection_stats(selected, new)
-        stats.update(kl_bound=best_of_n_kl_bound(n), temperature=r.temperature_for(k), pool=r.rs.pool)
+        stats.update(kl_bound=best_of_n_kl_bound(n), temperature=self.rs_temperature(k), pool=r.rs.pool)
         out = {"reward_vs_n": reward_vs_n(rewards), "selection": stats,
                "whiten": {"mean": whiten.mean, "std": whiten.std}, "selected_gold": None, "samples_gold": None}
         if self.world is not None:
@@ -811,7 +873,8 @@ class Campaign:
             times["select"] = sel.get("seconds")
         report = {
             "round": k, "name": f"v{k}", "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind,
-            "temperature": self.recipe.temperature_for(k) if k > 0 and self.runs_rs(k) else None,
+            "temperature": self.rs_temperature(k) if k > 0 and self.runs_rs(k) else None,
+            "temperature_search": load("temperature.json"),
             "policy": self.policy_name(self.policy_of(k)),
             "eval": {key: v for key, v in ev.items() if key not in ("samples", "seconds")},
             "reward_vs_n": (rs or {}).get("reward_vs_n"), "selection": (rs or {}).get("selection"),
@@ -852,6 +915,8 @@ class Campaign:
             return self.runs_ppo(k)
         if name == "select.json":
             return self.recipe.campaign.select == "best"
+        if name == "temperature.json":
+            return self.runs_rs(k) and bool(self.recipe.rs.temperature_search)
         return True
 
     # ------------------------------------------------------------------ the whole campaign

@@ -141,11 +141,7 @@ def _one_round(args: argparse.Namespace, what: str) -> None:
     if what == "rs":
         if not c.runs_rs(k):
             raise UserError(f"campaign.mode={recipe.campaign.mode} has no rejection sampling")
-        d = c.dir / f"v{k}"
-        start = c.policy_of(k - 1)
-        c.stage(f"v{k}/rs_sample", [d / "samples.jsonl"], lambda: c.rs_sample(k, start))
-        c.stage(f"v{k}/rs_select", [d / "scored.jsonl", d / "selected.jsonl", d / "rs.json"], lambda: c.rs_select(k))
-        c.stage(f"v{k}/sft", [d / "rs_policy"], lambda: c.sft(k))
+        c.run_rs(k, c.policy_of(k - 1))
     else:
         d = c.dir / f"v{k}"
         start = str(d / "rs_policy") if (d / "rs_policy").exists() else c.policy_of(k - 1)

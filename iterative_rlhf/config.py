@@ -206,6 +206,12 @@ class RejectionSamplingConfig:
                                            "seeds; with previous each seed falls once by 0.030-0.036, "
                                            "results/README.md).")
     prompts: int = opt(0, "Train prompts per round (0 = all).", min=0)
+    temperature_search: list[float] = opt([], "Candidate temperatures tried each round before sampling (Llama 2 "
+                                          "re-tuned it every round, §3.2.3): rs.n samples per prompt on "
+                                          "rs.temperature_search_prompts train prompts at each, scored by the RMs "
+                                          "of the round before; the one with the highest mean best-of-N R_c samples "
+                                          "the round. Empty = rs.temperatures.")
+    temperature_search_prompts: int = opt(32, "Train prompts of the temperature search's probe.", min=1)
 
 
 @dataclass
@@ -430,6 +436,8 @@ def _validate(recipe: Recipe) -> Recipe:
         raise ConfigError("ppo.micro_batch_size: larger than ppo.mini_batch_size (0 = the whole mini-batch)")
     if not recipe.rs.temperatures or any(t <= 0 for t in recipe.rs.temperatures):
         raise ConfigError("rs.temperatures: give one positive temperature per round (the last repeats)")
+    if any(not (t > 0 and math.isfinite(t)) for t in recipe.rs.temperature_search):
+        raise ConfigError("rs.temperature_search: give positive, finite temperatures (or none)")
     if recipe.rs.top_k > recipe.rs.n:
         raise ConfigError("rs.top_k: cannot keep more samples than rs.n")
     data = recipe.reward.refresh_data

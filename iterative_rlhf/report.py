@@ -704,6 +704,20 @@ def _rs_section(rounds: Sequence[dict]) -> _Section:
             rows.append(row)
         blocks.append(_Table(cols, rows, "Reward vs N: mean over prompts of the max and median among the first N "
                                          "samples (Llama 2 Fig. 7); KL bound = log N - (N-1)/N."))
+    searched = [r for r in sel if isinstance(r.get("temperature_search"), dict)]
+    rows = []
+    for r in searched:
+        ts = r["temperature_search"]
+        for c in ts.get("candidates") or []:
+            if isinstance(c, dict):
+                rows.append([_name(r), _fmt(_num(c.get("temperature")), "g"), _fmt(_num(c.get("best_of_n"))),
+                             _fmt(_num(c.get("median"))), _fmt(_num(c.get("distinct")), ".2f"),
+                             "yes" if c.get("temperature") == ts.get("chosen") else ""])
+    if rows:
+        blocks.append(_Table(["round", "temperature", "best-of-N R_c", "median R_c", "distinct of N", "chosen"],
+                             rows, "Temperature search (rs.temperature_search; Llama 2 Fig. 8): a probe of each "
+                             "round's prompts at each candidate, scored by the RMs of the round before; the highest "
+                             "mean best-of-N R_c samples the round."))
     return _Section("Rejection sampling", blocks)
 
 

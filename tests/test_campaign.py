@@ -417,3 +417,22 @@ def test_a_campaign_on_the_users_own_data_with_people_annotating_each_round(worl
     rm_eval = json.loads((out / "rm" / "eval" / "rm_eval.json").read_text())
     assert all(rm_eval["test_sets"][kind] > 0 for kind in ("helpful", "safety"))  # the held-out comparisons
     AutoModelForCausalLM.from_pretrained(out / "v2" / "ppo" / "policy")
+
+
+def test_rs_temperature_search_samples_at_the_best_of_n_winner(world, world_config, tmp_path):
+    """rs.temperature_search: a probe at each candidate, scored by the RMs of the round before; the round
+    samples at the temperature with the highest mean best-of-N R_c (Llama 2 re-tuned it every round)."""
+    from iterative_rlhf.cli import main
+
+    out = tmp_path / "search"
+    args = ["--out", str(out), *small_args(world_config), "--set", "rs.temperature_search=[0.3,1.0,2.0]",
+            "--set", "rs.temperature_search_prompts=6"]
+    assert main(["rs", "--round", "1", *args]) == 0
+    ts = json.loads((out / "v1" / "temperature.json").read_text())
+    assert [c["temperature"] for c in ts["candidates"]] == [0.3, 1.0, 2.0] and ts["prompts"] == 6
+    assert ts["rm"] == "rm" and ts["n"] == 4
+    assert ts["chosen"] == max(ts["candidates"], key=lambda c: c["best_of_n"])["temperature"]
+    assert all(c["best_of_n"] >= c["median"] for c in ts["candidates"])
+    distinct = {c["temperature"]: c["distinct"] for c in ts["candidates"]}
+    assert distinct[0.3] < distinct[2.0] <= 4  # a cold policy repeats itself
+    assert json.loads((out / "v1" / "rs.json").read_text())["selection"]["temperature"] == ts["chosen"]
