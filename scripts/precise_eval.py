@@ -50,6 +50,8 @@ SEEDS = {"default": DEFAULT,
              *HELD_OUT_IN_RS, *(f"{HELD_OUT_IN_RS[0]}-seed{k}" for k in (3, 4))),
          "select best (campaign.select=best)": ("ablation-select-best",
                                                  *(f"ablation-select-best-seed{k}" for k in (1, 2, 3, 4))),
+         "temperature search (rs.temperature_search=[0.7,1.0,1.3])": ("ablation-rs-temperature-search",
+                                                                       "ablation-rs-temperature-search-seed4"),
          "no refresh before PPO": ("ablation-no-refresh-before-ppo", "ablation-no-refresh-before-ppo-seed1",
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
@@ -87,6 +89,14 @@ def measure(name: str, samples: int, seed: int, temperature: float = 1.0) -> dic
     return row
 
 
+def seed_list(names: tuple[str, ...]) -> str:
+    """'0-2' for seeds 0, 1, 2 (a name without -seedN is seed 0); '0, 4' when they are not consecutive."""
+    seeds = sorted(int(n.rsplit("-seed", 1)[1]) if "-seed" in n else 0 for n in names)
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"| run | gold | helpful rate | violation ({rows[0]['n_harmful']} harmful) | false refusal "
              "| borderline false refusal |", "| --- | --- | --- | --- | --- | --- |"]
@@ -97,7 +107,7 @@ def table(rows: list[dict]) -> str:
         if len(seeds) == len(names):
             cells = [f"{statistics.mean(r[k] for r in seeds):.3f} ± {statistics.stdev(r[k] for r in seeds):.3f}"
                      for k in KEYS]
-            lines.append(f"| {label}, seeds 0-{len(names) - 1} (mean ± sd) | {' | '.join(cells)} |")
+            lines.append(f"| {label}, seeds {seed_list(names)} (mean ± sd) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -61,6 +61,8 @@ declare -A RUNS=(
   [ablation-select-best-seed2]="--set campaign.select=best --set seed=2"
   [ablation-select-best-seed3]="--set campaign.select=best --set seed=3"
   [ablation-select-best-seed4]="--set campaign.select=best --set seed=4"
+  [ablation-rs-temperature-search]="--set rs.temperature_search=[0.7,1.0,1.3]"
+  [ablation-rs-temperature-search-seed4]="--set rs.temperature_search=[0.7,1.0,1.3] --set seed=4"
   [ablation-ppo-kl0.01]="--set ppo.kl_coef=0.01"
   [ablation-ppo-kl0.01-seed4]="--set ppo.kl_coef=0.01 --set seed=4"
   [ablation-refresh-epochs0.5]="--set reward.refresh_epochs=0.5"
@@ -105,7 +107,7 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-sft-init-previous-e2-safety-weight3-holdout-ppo-seed4
        ablation-select-best ablation-select-best-seed1 ablation-select-best-seed2 ablation-select-best-seed3
        ablation-select-best-seed4 ablation-ppo-kl0.01 ablation-ppo-kl0.01-seed4 ablation-refresh-epochs0.5
-       ablation-refresh-epochs0.5-seed4
+       ablation-refresh-epochs0.5-seed4 ablation-rs-temperature-search ablation-rs-temperature-search-seed4
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
