@@ -409,10 +409,15 @@ class Campaign:
         earlier_files = {kind: [self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k)]
                          for kind in ("helpful", "safety")}
         new_files: dict[str, Path] = {}
+        eval_prompts = {p["prompt"] for p in self.eval_prompts}
         for kind, f in files.items():
             # An empty file says "no new comparisons of this kind": that RM stays as it was.
             empty = not f.read_text(encoding="utf-8").strip()
             rows = [] if empty else load_preferences(str(f), format="auto", kind=kind).to_list()  # validated
+            on_eval = sum(row["prompt"] in eval_prompts for row in rows)
+            if on_eval:
+                warn(f"{f}: {on_eval} of {len(rows)} comparisons are on eval prompts; the RMs will train on prompts "
+                     "the reports evaluate (the pairs to compare are in " + str(pairs) + ")")
             for row in rows:  # each RM gives the levels the margins of its own scheme
                 row.pop("margin")
             new_files[kind] = out / f"comparisons_{kind}.jsonl"  # the run keeps its own copy

@@ -402,7 +402,14 @@ def test_a_campaign_on_the_users_own_data_with_people_annotating_each_round(worl
         made[kind] = [c for r in rows for c in make_comparisons(
             kind, {find_prompt(r["prompt"]): [r["response_0"], r["response_1"]]}, 1, rng, 0.35, 0.01, "people")]
         (tmp_path / "annotations" / f"v2_{kind}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in made[kind]))
-    run_cli(args[3:])
+    leak = {"prompt": evals[0]["prompt"], "chosen": "a", "rejected": "b", "level": "better"}  # an eval prompt
+    with open(tmp_path / "annotations" / "v2_helpful.jsonl", "a") as f:
+        f.write(json.dumps(leak) + "\n")
+    made["helpful"].append(leak)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = "".join(done.stderr.split())  # the console wraps long lines
+    assert "v2_helpful.jsonl:1of" in said and "comparisonsareonevalprompts" in said
     assert made["helpful"] and made["safety"]
     for kind in ("helpful", "safety"):
         assert len(read_jsonl(out / "v2" / "rm" / f"comparisons_{kind}.jsonl")) == len(made[kind])
