@@ -44,7 +44,7 @@ import yaml
 
 from .config import Recipe, load_recipe
 from .console import log, warn
-from .errors import NumericalError, UserError
+from .errors import AwaitingAnnotations, NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
 _OTHER = {"helpful": "safety", "safety": "helpful"}
@@ -381,7 +381,8 @@ class Campaign:
     def refresh_from_annotations(self, k: int, out: Path) -> None:
         """Refresh both RMs on people's comparisons of round k's samples (``reward.refresh_data``).
 
-        Writes the pairs to annotate, then stops the campaign (a :class:`UserError` naming the files) until both
+        Writes the pairs to annotate, then stops the campaign (:class:`AwaitingAnnotations`, exit 3, naming the
+        files) until both
         annotation files exist (an empty one: nothing new of that kind, that RM stays); the rerun trains on them
         as the TinyWorld refresh does: ``previous`` continues
         from the round before's RMs on the new comparisons plus replayed earlier ones (the recipe's data, its
@@ -400,10 +401,12 @@ class Campaign:
         files = self.annotation_files(k)
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
-            raise UserError(f"v{k}: the RM refresh waits for people's comparisons of the {len(read_jsonl(pairs))} "
-                            f"pairs in {pairs} (canonical JSONL: prompt, chosen, rejected, level; helpfulness and "
-                            f"safety apart, e.g. `iterative-rlhf annotate {pairs} --kind helpful --out "
-                            f"{files['helpful']}`): write {' and '.join(missing)}, then rerun this command")
+            n = len(read_jsonl(pairs))
+            raise AwaitingAnnotations(
+                f"v{k}: the RM refresh waits for people's comparisons of the {n} pairs in {pairs} (canonical JSONL: "
+                f"prompt, chosen, rejected, level; helpfulness and safety apart, e.g. `iterative-rlhf annotate "
+                f"{pairs} --kind helpful --out {files['helpful']}`): write {' and '.join(missing)}, then rerun this "
+                "command")
         rng = random.Random(self.seed(k, "rm"))
         previous = self.rm_dir(k - 1)
         earlier_files = {kind: [self.dir / f"v{j}" / "rm" / f"comparisons_{kind}.jsonl" for j in range(2, k)]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from .errors import AwaitingAnnotations, UserError
 
 
 def _recipe(args: argparse.Namespace):  # noqa: ANN202
@@ -380,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         cpu_threads()  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP runtime
         quiet_libraries()
         args.func(args)
+    except AwaitingAnnotations as e:
+        from rich.markup import escape
+
+        from .console import console
+
+        console.print(f"[yellow]waiting:[/yellow] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 3
     except UserError as e:
         from rich.markup import escape
 

@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad file, bad recipe, bad flag) is raised as a
 :class:`UserError` whose message is one line naming the place (file, row,
-field) and what to do. The CLI prints it without a traceback and exits 2.
+field) and what to do. The CLI prints it without a traceback and exits 2
+(3 for :class:`AwaitingAnnotations`, a stop that is not a failure).
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ class ConfigError(UserError):
 
 class NumericalError(UserError):
     """A NaN or inf in a loss or reward; the stage stops and keeps its last good checkpoint."""
+
+
+class AwaitingAnnotations(UserError):
+    """A campaign stops until people's comparisons of a round's pairs exist (``reward.refresh_data``).
+
+    Not a failure: the CLI says what to annotate and where to write it, and exits 3, so that a script driving
+    the loop can tell waiting from an error; rerunning the command goes on.
+    """
