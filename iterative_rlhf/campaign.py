@@ -47,7 +47,6 @@ from .console import log, warn
 from .errors import AwaitingAnnotations, NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
-_OTHER = {"helpful": "safety", "safety": "helpful"}
 STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
                "select_previous": 9, "rs_temperature": 10}
 
@@ -394,7 +393,7 @@ class Campaign:
         import datasets
 
         from .preferences import load_preferences
-        from .reward import _comparisons, mix_for_kind, train_reward_model
+        from .reward import _OTHER, _comparisons, mix_for_kind, train_reward_model
 
         rw = self.recipe.reward
         pairs = self.write_pairs(k, out)
@@ -573,22 +572,13 @@ class Campaign:
         """
         import random
 
-        from .generation import fit_prompts, make_engine
-
         r = self.recipe
         t = time.time()
         seed = self.seed(k, "rs_temperature")
         probe = random.Random(seed).sample(self.train_prompts, min(r.rs.temperature_search_prompts,
                                                                    len(self.train_prompts)))
-        engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
-        samples = {}
-        try:
-            texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in probe], r.model.max_prompt_length,
-                                f"v{k} temperature search")
-            for temp in r.rs.temperature_search:
-                samples[temp] = engine.generate(texts, r.rs.n, temp, r.generation.max_new_tokens, seed)
-        finally:
-            engine.close()
+        samples = dict(zip(r.rs.temperature_search, self.sample(policy, probe, r.rs.n, r.rs.temperature_search,
+                                                                 seed, f"v{k} temperature search"), strict=True))
         candidates = []
         with self.scorer(k - 1) as scorer:
             for temp, res in samples.items():
@@ -609,20 +599,26 @@ class Campaign:
         tried = ", ".join(f"{c['temperature']:g} -> {c['best_of_n']:.3f}" for c in candidates)
         log(f"v{k} temperature search: {tried} (mean best-of-{r.rs.n} R_c); sampling at {chosen:g}")
 
-    def rs_sample(self, k: int, policy: str, out: Path | None = None, stage: str = "rs_sample") -> None:
+    def sample(self, policy: str, prompts: list[dict], n: int, temperatures: list[float], seed: int,
+               where: str) -> list[list]:
+        """``n`` responses per prompt row from ``policy`` at each temperature, one engine start; prompts longer
+        than ``model.max_prompt_length`` are cut from the left (``where`` names them in the warning)."""
         from .generation import fit_prompts, make_engine
 
         r = self.recipe
-        t = time.time()
-        engine = make_engine(policy, r.generation, seed=self.seed(k, stage),
-                             trust_remote_code=r.model.trust_remote_code)
+        engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
         try:
-            texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in self.train_prompts],
-                                r.model.max_prompt_length, f"v{k} rejection sampling")
-            temperature = self.rs_temperature(k) if stage == "rs_sample" else r.temperature_for(k)
-            res = engine.generate(texts, r.rs.n, temperature, r.generation.max_new_tokens, self.seed(k, stage))
+            texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in prompts], r.model.max_prompt_length, where)
+            return [engine.generate(texts, n, t, r.generation.max_new_tokens, seed) for t in temperatures]
         finally:
             engine.close()
+
+    def rs_sample(self, k: int, policy: str, out: Path | None = None, stage: str = "rs_sample") -> None:
+        r = self.recipe
+        t = time.time()
+        temperature = self.rs_temperature(k) if stage == "rs_sample" else r.temperature_for(k)
+        [res] = self.sample(policy, self.train_prompts, r.rs.n, [temperature], self.seed(k, stage),
+                            f"v{k} rejection sampling")
         rows = [{"prompt": p["prompt"], "is_safety": bool(p.get("is_safety", False)), "sample": j,
                  "response": c.text, "num_tokens": len(c.token_ids)}
                 for p, comps in zip(self.train_prompts, res, strict=True) for j, c in enumerate(comps)]
@@ -746,8 +742,6 @@ class Campaign:
         """
         import statistics
 
-        from .generation import fit_prompts, make_engine
-
         r = self.recipe
         d = self.dir / f"v{k}"
         t = time.time()
@@ -767,13 +761,7 @@ class Campaign:
                 rows += [{**x, "which": which} for x in reuse]
                 continue
             seed = self.seed(k, "select_previous" if which == "previous" else "select")
-            engine = make_engine(policy, r.generation, seed=seed, trust_remote_code=r.model.trust_remote_code)
-            try:
-                texts = fit_prompts(engine.tokenizer, [p["prompt"] for p in prompts], r.model.max_prompt_length,
-                                    f"v{k} selection")
-                res = engine.generate(texts, n, 1.0, r.generation.max_new_tokens, seed)
-            finally:
-                engine.close()
+            [res] = self.sample(policy, prompts, n, [1.0], seed, f"v{k} selection")
             rows += [{"which": which, "policy": names[which], "prompt": p["prompt"],
                       "is_safety": bool(p.get("is_safety", False)), "sample": j, "response": c.text}
                      for p, comps in zip(prompts, res, strict=True) for j, c in enumerate(comps)]
