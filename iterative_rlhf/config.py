@@ -94,6 +94,10 @@ class TinyWorldConfig:
                                   "the annotators compare, plus as many from the writer.", min=1)
     annotator_noise: float = opt(0.35, "Bradley-Terry temperature of the annotators: larger = noisier.", gt=0.0)
     length_cost: float = opt(0.01, "Annotator utility cost per response word.", min=0.0)
+    writer_correct: float = opt(0.42, "Share of the noisy writer's responses to safe prompts that are brief and "
+                                "correct; its wrong answers take up the difference (0.26 at 0.42), the other kinds "
+                                "(verbose, refusing, rambling) keep their shares.", min=0.0, max=0.68)
+    harmful_comply: float = opt(0.70, "Share of harmful requests the noisy writer complies with.", min=0.0, max=1.0)
 
 
 @dataclass

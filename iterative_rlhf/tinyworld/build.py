@@ -57,23 +57,30 @@ def cache_root(cfg: TinyWorldConfig) -> Path:
 #: The config fields the base policy depends on; worlds that differ only in the
 #: annotators or the comparisons share one trained policy.
 POLICY_FIELDS = ("seed", "hidden_size", "num_layers", "num_heads", "vocab_size", "corpus_size", "train_steps",
-                 "train_batch_size", "learning_rate")
+                 "train_batch_size", "learning_rate", "writer_correct", "harmful_comply")
+#: Fields added after worlds were first cached: they enter the cache names only when set to another value than
+#: their default, so a world (or policy) built before they existed keeps its name and is reused.
+LATER_FIELDS = {"writer_correct": 0.42, "harmful_comply": 0.70}
 
 
 def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _named(cfg: TinyWorldConfig, fields: tuple[str, ...] | None = None) -> dict:
+    """The settings that name ``cfg``'s cache folders (all but cache_dir, or ``fields``), later ones when set."""
+    keys = fields or tuple(f.name for f in dataclasses.fields(cfg) if f.name != "cache_dir")
+    return {k: getattr(cfg, k) for k in keys if k not in LATER_FIELDS or getattr(cfg, k) != LATER_FIELDS[k]}
+
+
 def world_paths(cfg: TinyWorldConfig) -> WorldPaths:
-    digest = _digest({"cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
-                      "lexicon": LEXICON, "format": FORMAT_VERSION})
+    digest = _digest({"cfg": _named(cfg), "lexicon": LEXICON, "format": FORMAT_VERSION})
     return WorldPaths(cache_root(cfg) / f"tinyworld-v{LEXICON['version']}-{digest}")
 
 
 def policy_store(cfg: TinyWorldConfig) -> Path:
     """Where the base policy of ``cfg`` is kept, shared by every world with the same policy fields."""
-    digest = _digest({"policy": {k: getattr(cfg, k) for k in POLICY_FIELDS}, "lexicon": LEXICON,
-                      "format": FORMAT_VERSION})
+    digest = _digest({"policy": _named(cfg, POLICY_FIELDS), "lexicon": LEXICON, "format": FORMAT_VERSION})
     return cache_root(cfg) / "policies" / f"tinyworld-policy-{digest}"
 
 
@@ -115,7 +122,8 @@ def build_world(cfg: TinyWorldConfig, force: bool = False) -> WorldPaths:
             from .policy import train_policy
 
             log(f"TinyWorld: training the base policy ({cfg.train_steps} steps) -> {store}")
-            corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed)
+            corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed, cfg.writer_correct,
+                                  cfg.harmful_comply)
             tmp = atomic_dir(store)
             train_policy(cfg, corpus, tmp)
             commit_dir(tmp, store)
@@ -156,5 +164,6 @@ def sample_for_annotation(policy: Path, cfg: TinyWorldConfig) -> dict[Prompt, li
     engine.close()
     rng = random.Random(cfg.seed + 7)
     for p in prompts:
-        out[p].extend(write_response(p, rng) for _ in range(cfg.samples_per_prompt))
+        out[p].extend(write_response(p, rng, cfg.writer_correct, cfg.harmful_comply)
+                      for _ in range(cfg.samples_per_prompt))
     return out

@@ -15,10 +15,21 @@ import random
 from .world import LEXICON, Prompt
 
 # Shares of each response kind (suggested by SPEC.md "Base policy"; tuned so the
-# trained policy's eval gold lands in 0.3-0.5).
+# trained policy's eval gold lands in 0.3-0.5). The share of correct answers and
+# of compliance with harmful requests are TinyWorld settings (tinyworld.writer_correct,
+# tinyworld.harmful_comply); these are their defaults.
 SAFE_MIX = {"correct": 0.42, "verbose": 0.14, "wrong": 0.26, "refuse": 0.10, "rambling": 0.08}
 BORDERLINE_REFUSE = 0.35
 HARMFUL_COMPLY = 0.70
+#: The most tinyworld.writer_correct can be: the shares of the mix that are neither correct nor wrong leave the rest.
+MAX_CORRECT = SAFE_MIX["correct"] + SAFE_MIX["wrong"]
+
+
+def safe_mix(correct: float = SAFE_MIX["correct"]) -> dict[str, float]:
+    """The writer's mix on safe prompts with ``correct`` brief correct answers; 'wrong' takes up the difference."""
+    if not 0.0 <= correct <= MAX_CORRECT + 1e-9:
+        raise ValueError(f"the writer's share of correct answers must lie in [0, {MAX_CORRECT:g}], not {correct}")
+    return {**SAFE_MIX, "correct": correct, "wrong": max(0.0, MAX_CORRECT - correct)}
 
 REFUSALS = [
     "Sorry, I can't help with that.",
@@ -72,13 +83,16 @@ def _comply(p: Prompt, rng: random.Random) -> str:
     return rng.choice(COMPLY).format(act=dict(p.slots)["act"])
 
 
-def write_response(p: Prompt, rng: random.Random) -> str:
-    """One noisy response to prompt ``p``."""
+def write_response(p: Prompt, rng: random.Random, correct: float = SAFE_MIX["correct"],
+                   harmful_comply: float = HARMFUL_COMPLY) -> str:
+    """One noisy response to prompt ``p``: ``correct`` = share of brief correct answers to safe prompts,
+    ``harmful_comply`` = share of harmful requests complied with."""
     if p.family == "harmful":
-        return _comply(p, rng) if rng.random() < HARMFUL_COMPLY else rng.choice(REFUSALS)
+        return _comply(p, rng) if rng.random() < harmful_comply else rng.choice(REFUSALS)
     if p.borderline and rng.random() < BORDERLINE_REFUSE:
         return rng.choice(REFUSALS)
-    kind = rng.choices(list(SAFE_MIX), weights=list(SAFE_MIX.values()))[0]
+    mix = safe_mix(correct) if correct != SAFE_MIX["correct"] else SAFE_MIX
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind == "correct":
         return _answer(p, rng, wrong=False)
     if kind == "verbose":
@@ -90,7 +104,8 @@ def write_response(p: Prompt, rng: random.Random) -> str:
     return rng.choice(RAMBLE)
 
 
-def write_corpus(prompts: list[Prompt], size: int, seed: int) -> list[tuple[Prompt, str]]:
+def write_corpus(prompts: list[Prompt], size: int, seed: int, correct: float = SAFE_MIX["correct"],
+                 harmful_comply: float = HARMFUL_COMPLY) -> list[tuple[Prompt, str]]:
     """``size`` (prompt, response) pairs, prompts drawn uniformly, deterministic under ``seed``."""
     rng = random.Random(seed)
-    return [(p, write_response(p, rng)) for p in (rng.choice(prompts) for _ in range(size))]
+    return [(p, write_response(p, rng, correct, harmful_comply)) for p in (rng.choice(prompts) for _ in range(size))]
