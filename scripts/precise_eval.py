@@ -56,7 +56,11 @@ SEEDS = {"default": DEFAULT,
                                    "ablation-no-refresh-before-ppo-seed2"),
          "no group by length": ("ablation-no-group-by-length", "ablation-no-group-by-length-seed1",
                                 "ablation-no-group-by-length-seed2"),
-         "previous-default (P)": ("previous-default", "previous-default-seed1", "previous-default-seed2")}
+         "previous-default (P)": ("previous-default", "previous-default-seed1", "previous-default-seed2"),
+         "writer: 0.50 correct, 0.50 harmful complied": ("ablation-writer-correct0.50-comply0.50",
+                                                         "ablation-writer-correct0.50-comply0.50-seed1"),
+         "writer: 0.56 correct, 0.45 harmful complied": tuple(f"ablation-writer-correct0.56-comply0.45{s}"
+                                                               for s in ("", "-seed1", "-seed2", "-seed3"))}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
 

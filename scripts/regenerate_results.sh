@@ -14,6 +14,9 @@ PP="--set rs.pool=previous"
 P="$PP --set reward.refresh_comparisons_per_prompt=16 --set reward.helpful.group_by_length=false"
 P+=" --set reward.safety.group_by_length=false"
 NOG="$PP --set reward.helpful.group_by_length=false --set reward.safety.group_by_length=false"
+# Other TinyWorlds: a noisy writer that is right more often and complies with fewer harmful requests.
+W50="--set tinyworld.writer_correct=0.50 --set tinyworld.harmful_comply=0.50"
+W56="--set tinyworld.writer_correct=0.56 --set tinyworld.harmful_comply=0.45"
 declare -A RUNS=(
   [tinyworld-rs+ppo]=""
   [default-seed1]="--set seed=1"
@@ -63,6 +66,12 @@ declare -A RUNS=(
   [ablation-select-best-seed4]="--set campaign.select=best --set seed=4"
   [ablation-rs-temperature-search]="--set rs.temperature_search=[0.7,1.0,1.3]"
   [ablation-rs-temperature-search-seed4]="--set rs.temperature_search=[0.7,1.0,1.3] --set seed=4"
+  [ablation-writer-correct0.50-comply0.50]="$W50"
+  [ablation-writer-correct0.50-comply0.50-seed1]="$W50 --set seed=1"
+  [ablation-writer-correct0.56-comply0.45]="$W56"
+  [ablation-writer-correct0.56-comply0.45-seed1]="$W56 --set seed=1"
+  [ablation-writer-correct0.56-comply0.45-seed2]="$W56 --set seed=2"
+  [ablation-writer-correct0.56-comply0.45-seed3]="$W56 --set seed=3"
   [ablation-ppo-kl0.01]="--set ppo.kl_coef=0.01"
   [ablation-ppo-kl0.01-seed4]="--set ppo.kl_coef=0.01 --set seed=4"
   [ablation-refresh-epochs0.5]="--set reward.refresh_epochs=0.5"
@@ -108,6 +117,9 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-select-best ablation-select-best-seed1 ablation-select-best-seed2 ablation-select-best-seed3
        ablation-select-best-seed4 ablation-ppo-kl0.01 ablation-ppo-kl0.01-seed4 ablation-refresh-epochs0.5
        ablation-refresh-epochs0.5-seed4 ablation-rs-temperature-search ablation-rs-temperature-search-seed4
+       ablation-writer-correct0.50-comply0.50 ablation-writer-correct0.50-comply0.50-seed1
+       ablation-writer-correct0.56-comply0.45 ablation-writer-correct0.56-comply0.45-seed1
+       ablation-writer-correct0.56-comply0.45-seed2 ablation-writer-correct0.56-comply0.45-seed3
        ablation-refresh-8
        ablation-refresh-16 ablation-no-group-by-length ablation-no-group-by-length-seed1
        ablation-no-group-by-length-seed2 ablation-refresh-32-no-replay ablation-refresh-32-safety-weight3
