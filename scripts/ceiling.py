@@ -17,9 +17,11 @@ included: what the policy reaches on prompts it was trained on, which is the
 limit set by its size and by sampling at temperature 1.0 rather than by
 generalisation.
 
-Writes results/ceiling/ceiling.json and results/ceiling/README.md.
+Writes results/ceiling/ceiling.json and results/ceiling/README.md (``--out`` another folder). ``--set`` takes
+the recipe settings of ``iterative-rlhf round`` (another world, e.g. ``tinyworld.writer_correct=0.56``).
 
-usage: python scripts/ceiling.py [--epochs 2 4 8 16] [--seeds 0 1 2] [--samples 128]
+usage: python scripts/ceiling.py [--epochs 2 4 8 16] [--seeds 0 1 2] [--samples 128] [--set KEY=VALUE ...]
+                                 [--out DIR]
 """
 
 from __future__ import annotations
@@ -54,14 +56,13 @@ def oracle_rows(prompts: list, seed: int) -> list[dict]:
     return rows
 
 
-def run(trained_on: str, epochs: float, seed: int, samples: int, base: str, work: Path) -> dict:
+def run(recipe, trained_on: str, epochs: float, seed: int, samples: int, base: str, work: Path) -> dict:  # noqa: ANN001
     from iterative_rlhf.campaign import is_held_out
-    from iterative_rlhf.config import Recipe
     from iterative_rlhf.sft import finetune
     from iterative_rlhf.tinyworld.evaluate import evaluate_policy
     from iterative_rlhf.tinyworld.world import get_prompts
 
-    recipe = Recipe()
+    recipe = dataclasses.replace(recipe)
     recipe.sft = dataclasses.replace(recipe.sft, epochs=epochs)
     if trained_on == "campaign":  # the train prompts less PPO's held-out ones
         prompts = [p for p in get_prompts("train") if not is_held_out(p.text)]
@@ -114,27 +115,33 @@ def main() -> None:
                     help="epochs on the prompts a campaign fine-tunes on (train less PPO's held-out ones)")
     ap.add_argument("--all-epochs", type=float, default=4.0,
                     help="epochs of the reference fine-tuned on every prompt (eval ones too)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe setting, as in `iterative-rlhf round --set` (e.g. another world's tinyworld.*)")
+    ap.add_argument("--out", type=Path, default=OUT, help="folder of ceiling.json and README.md")
     args = ap.parse_args()
 
-    from iterative_rlhf.config import Recipe
+    from iterative_rlhf.config import load_recipe
     from iterative_rlhf.tinyworld.build import build_world
 
-    base = str(build_world(Recipe().tinyworld).policy)
+    recipe = load_recipe(None, args.overrides)
+    base = str(build_world(recipe.tinyworld).policy)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         plan = [("train", e, s) for e in args.epochs for s in args.seeds]
         plan += [("campaign", e, s) for e in args.campaign_epochs for s in args.seeds]
         plan += [("all", args.all_epochs, s) for s in args.seeds]
         for on, ep, s in plan:
-            rows.append(run(on, ep, s, args.samples, base, Path(tmp)))
+            rows.append(run(recipe, on, ep, s, args.samples, base, Path(tmp)))
             r = rows[-1]
             print(f"{on} epochs {ep:g} seed {s}: eval gold {r['t1']['gold']:.3f} violation "
                   f"{r['t1']['violation_rate']:.4f} (T=0.7: {r['t0.7']['gold']:.3f}), train gold "
                   f"{r['train_gold_t1']:.3f}, {r['seconds']} s", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ceiling.json").write_text(json.dumps(rows, indent=2) + "\n")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ceiling.json").write_text(json.dumps(rows, indent=2) + "\n")
     cmd = "python scripts/ceiling.py" + ("" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
-    (OUT / "README.md").write_text(
+    world = f" The world: {', '.join(args.overrides)}." if args.overrides else ""
+    (out / "README.md").write_text(
         "# Eval gold of a policy fine-tuned on oracle data (train prompts only)\n\n"
         f"Made by:\n\n```bash\n{cmd}\n```\n\n"
         "The TinyWorld base policy fine-tuned with the default recipe's SFT settings on one gold-perfect "
@@ -144,7 +151,7 @@ def main() -> None:
         "fine-tuning can pass on. The rows 'less PPO's held-out ones' train on the 236 prompts a default campaign "
         "fine-tunes on (of 265). The last rows fine-tune on every prompt, eval ones included (the limit "
         "of the policy's size at that temperature, not of generalisation). Mean ± sd over the seeds (data "
-        "forms, SFT order and sampling).\n\n" + table(rows) + "\n")
+        "forms, SFT order and sampling)." + world + "\n\n" + table(rows) + "\n")
     print(table(rows))
 
 
