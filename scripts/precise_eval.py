@@ -60,7 +60,10 @@ SEEDS = {"default": DEFAULT,
          "writer: 0.50 correct, 0.50 harmful complied": ("ablation-writer-correct0.50-comply0.50",
                                                          "ablation-writer-correct0.50-comply0.50-seed1"),
          "writer: 0.56 correct, 0.45 harmful complied": tuple(f"ablation-writer-correct0.56-comply0.45{s}"
-                                                               for s in ("", "-seed1", "-seed2", "-seed3"))}
+                                                               for s in ("", "-seed1", "-seed2", "-seed3")),
+         "the same writer, SFT from the previous round, 2 epochs, safety weight 3, PPO's held-out prompts in RS": tuple(
+             f"ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo{s}"
+             for s in ("", "-seed1", "-seed2", "-seed3"))}
 KEYS = ("gold", "helpful_rate", "violation_rate", "false_refusal_rate", "false_refusal_rate_borderline")
 
 
