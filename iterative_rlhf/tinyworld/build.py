@@ -60,7 +60,8 @@ POLICY_FIELDS = ("seed", "hidden_size", "num_layers", "num_heads", "vocab_size",
                  "train_batch_size", "learning_rate", "writer_correct", "harmful_comply")
 #: Fields added after worlds were first cached: they enter the cache names only when set to another value than
 #: their default, so a world (or policy) built before they existed keeps its name and is reused.
-LATER_FIELDS = {"writer_correct": 0.42, "harmful_comply": 0.70}
+LATER_FIELDS = {f.name: f.default for f in dataclasses.fields(TinyWorldConfig)
+                if f.name in ("writer_correct", "harmful_comply")}
 
 
 def _digest(obj: dict) -> str:
