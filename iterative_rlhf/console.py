@@ -33,9 +33,10 @@ def is_main_process() -> bool:
 
 
 def log(message: str, *, style: str | None = None) -> None:
-    """Print one line on the main process."""
+    """Print one line on the main process, never broken by the console's width (a terminal wraps it itself;
+    a log file or a pipe keeps a path or a message that a script greps for whole)."""
     if is_main_process():
-        console.print(message, style=style)
+        console.print(message, style=style, soft_wrap=True)
 
 
 def warn(message: str) -> None:
