@@ -61,6 +61,9 @@ SEEDS = {"default": DEFAULT,
                                                          "ablation-writer-correct0.50-comply0.50-seed1"),
          "writer: 0.56 correct, 0.45 harmful complied": tuple(f"ablation-writer-correct0.56-comply0.45{s}"
                                                                for s in ("", "-seed1", "-seed2", "-seed3")),
+         "the same writer, SFT from the previous round, 2 epochs, safety weight 3": (
+             "ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3",
+             "ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-seed1"),
          "the same writer, SFT from the previous round, 2 epochs, safety weight 3, PPO's held-out prompts in RS": tuple(
              f"ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo{s}"
              for s in ("", "-seed1", "-seed2", "-seed3"))}

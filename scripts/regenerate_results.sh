@@ -17,7 +17,8 @@ NOG="$PP --set reward.helpful.group_by_length=false --set reward.safety.group_by
 # Other TinyWorlds: a noisy writer that is right more often and complies with fewer harmful requests.
 W50="--set tinyworld.writer_correct=0.50 --set tinyworld.harmful_comply=0.50"
 W56="--set tinyworld.writer_correct=0.56 --set tinyworld.harmful_comply=0.45"
-S="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3 --set campaign.holdout_from=ppo"
+S2="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3"
+S="$S2 --set campaign.holdout_from=ppo"
 declare -A RUNS=(
   [tinyworld-rs+ppo]=""
   [default-seed1]="--set seed=1"
@@ -73,6 +74,8 @@ declare -A RUNS=(
   [ablation-writer-correct0.56-comply0.45-seed1]="$W56 --set seed=1"
   [ablation-writer-correct0.56-comply0.45-seed2]="$W56 --set seed=2"
   [ablation-writer-correct0.56-comply0.45-seed3]="$W56 --set seed=3"
+  [ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3]="$W56 $S2"
+  [ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-seed1]="$W56 $S2 --set seed=1"
   [ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo]="$W56 $S"
   [ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1]="$W56 $S --set seed=1"
   [ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2]="$W56 $S --set seed=2"
@@ -125,6 +128,8 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-writer-correct0.50-comply0.50 ablation-writer-correct0.50-comply0.50-seed1
        ablation-writer-correct0.56-comply0.45 ablation-writer-correct0.56-comply0.45-seed1
        ablation-writer-correct0.56-comply0.45-seed2 ablation-writer-correct0.56-comply0.45-seed3
+       ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3
+       ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-seed1
        ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo
        ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo-seed1
        ablation-writer-correct0.56-comply0.45-sft-init-previous-e2-safety-weight3-holdout-ppo-seed2
