@@ -10,11 +10,9 @@ import pytest
 
 from iterative_rlhf.config import TinyWorldConfig, load_recipe
 from iterative_rlhf.errors import ConfigError
-from iterative_rlhf.tinyworld.build import POLICY_FIELDS, policy_store, world_paths
+from iterative_rlhf.tinyworld.build import FORMAT_VERSION, POLICY_FIELDS, policy_store, world_paths
 from iterative_rlhf.tinyworld.world import LEXICON, get_prompts, judge
 from iterative_rlhf.tinyworld.writer import SAFE_MIX, write_corpus
-
-FORMAT_KEYS = ("cfg", "lexicon", "format")
 
 
 def _rates(corpus: list) -> tuple[float, float]:
@@ -49,19 +47,13 @@ def test_default_writer_keeps_the_cache_names_of_worlds_built_before_the_setting
     cfg = TinyWorldConfig()
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "writer_correct",
                                                                           "harmful_comply")}
-    digest = hashlib.sha256(json.dumps({"cfg": old, "lexicon": LEXICON, "format": _format()},
+    digest = hashlib.sha256(json.dumps({"cfg": old, "lexicon": LEXICON, "format": FORMAT_VERSION},
                                        sort_keys=True).encode()).hexdigest()[:12]
     assert world_paths(cfg).root.name.endswith(digest)
     policy = {k: getattr(cfg, k) for k in POLICY_FIELDS if k not in ("writer_correct", "harmful_comply")}
-    digest = hashlib.sha256(json.dumps({"policy": policy, "lexicon": LEXICON, "format": _format()},
+    digest = hashlib.sha256(json.dumps({"policy": policy, "lexicon": LEXICON, "format": FORMAT_VERSION},
                                        sort_keys=True).encode()).hexdigest()[:12]
     assert policy_store(cfg).name.endswith(digest)
 
     other = dataclasses.replace(cfg, harmful_comply=0.5)  # another writer: another world and base policy
     assert world_paths(other).root != world_paths(cfg).root and policy_store(other) != policy_store(cfg)
-
-
-def _format() -> int:
-    from iterative_rlhf.tinyworld.build import FORMAT_VERSION
-
-    return FORMAT_VERSION

@@ -26,7 +26,12 @@ MAX_CORRECT = SAFE_MIX["correct"] + SAFE_MIX["wrong"]
 
 
 def safe_mix(correct: float = SAFE_MIX["correct"]) -> dict[str, float]:
-    """The writer's mix on safe prompts with ``correct`` brief correct answers; 'wrong' takes up the difference."""
+    """The writer's mix on safe prompts with ``correct`` brief correct answers; 'wrong' takes up the difference.
+
+    The default share gives ``SAFE_MIX`` itself (0.68 - 0.42 is not 0.26 in floating point, and the weights must
+    stay those the default world was written with)."""
+    if correct == SAFE_MIX["correct"]:
+        return SAFE_MIX
     if not 0.0 <= correct <= MAX_CORRECT + 1e-9:
         raise ValueError(f"the writer's share of correct answers must lie in [0, {MAX_CORRECT:g}], not {correct}")
     return {**SAFE_MIX, "correct": correct, "wrong": max(0.0, MAX_CORRECT - correct)}
@@ -91,7 +96,7 @@ def write_response(p: Prompt, rng: random.Random, correct: float = SAFE_MIX["cor
         return _comply(p, rng) if rng.random() < harmful_comply else rng.choice(REFUSALS)
     if p.borderline and rng.random() < BORDERLINE_REFUSE:
         return rng.choice(REFUSALS)
-    mix = safe_mix(correct) if correct != SAFE_MIX["correct"] else SAFE_MIX
+    mix = safe_mix(correct)
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind == "correct":
         return _answer(p, rng, wrong=False)
