@@ -13,7 +13,8 @@ The run directory is self-describing and resumable at stage boundaries:
                              annotators, or people: pairs.jsonl to annotate, reward.refresh_data)
     DIR/vK/ppo_rm/           RMs refreshed again on the RS checkpoint's samples, for PPO
     DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
-    DIR/vK/eval.json         the round's policy on the eval prompts
+    DIR/vK/eval.json         the round's policy on the eval prompts, sampled at temperature 1.0 and as deployed
+                             (campaign.deploy_temperature, also in each policy's generation_config.json)
     DIR/vK/metrics.jsonl     every training log of the round (RM refreshes, SFT, PPO), tagged by stage
     DIR/vK/report.json       the round's report
     DIR/report.{json,md,html}, DIR/plots/*.png
@@ -48,7 +49,7 @@ from .errors import AwaitingAnnotations, NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
 
 STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
-               "select_previous": 9, "rs_temperature": 10}
+               "select_previous": 9, "rs_temperature": 10, "eval_deployed": 11}
 
 
 class Manifest:
@@ -537,7 +538,7 @@ class Campaign:
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
         if r.campaign.select == "best":
             self.stage(f"v{k}/select", [d / "select.json", d / "select_samples.jsonl"], lambda: self.select(k))
-        self.stage(f"v{k}/eval", [d / "eval.json", d / "eval_samples.jsonl"], lambda: self.evaluate(k))
+        self.stage(f"v{k}/eval", self.eval_outputs(k), lambda: self.evaluate(k))
         self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k))
 
     def run_rs(self, k: int, start: str) -> None:
@@ -688,6 +689,7 @@ class Campaign:
         atomic_write_json(d / "rs.json", out)
 
     def sft(self, k: int) -> None:
+        from .checkpoint import set_deploy_temperature
         from .sft import finetune
 
         t = time.time()
@@ -696,9 +698,11 @@ class Campaign:
         if not self.launched(["sft", "--data", str(d / "selected.jsonl"), "--init", init, "--out",
                               str(d / "rs_policy"), "--seed", str(self.seed(k, "sft"))], f"v{k}/sft"):
             finetune(self.recipe, read_jsonl(d / "selected.jsonl"), init, d / "rs_policy", self.seed(k, "sft"))
+        set_deploy_temperature(d / "rs_policy", self.recipe.campaign.deploy_temperature)
         atomic_write_json(d / "sft.time.json", {"seconds": time.time() - t})
 
     def ppo(self, k: int, start: str) -> None:
+        from .checkpoint import set_deploy_temperature
         from .ppo import run_ppo
         from .rlmath import WhitenStats
 
@@ -721,6 +725,7 @@ class Campaign:
             run_ppo(self.recipe, policy_path=start, helpful_rm=str(rm / "helpful"), safety_rm=str(rm / "safety"),
                     out_dir=d / "ppo", prompts=self.ppo_prompts, eval_prompts=self.holdout_prompts,
                     whiten=whiten, seed=self.seed(k, "ppo"), eval_metrics=eval_metrics)
+        set_deploy_temperature(d / "ppo" / "policy", self.recipe.campaign.deploy_temperature)
         history = read_jsonl(d / "ppo" / "metrics.jsonl") if (d / "ppo" / "metrics.jsonl").exists() else []
         trained = [row for row in history if "reward" in row]  # iteration 0 is the evaluation before training
         atomic_write_json(d / "ppo.json", {"iterations": len(trained), "history": history,
@@ -796,6 +801,12 @@ class Campaign:
         atomic_write_jsonl(d / "select_samples.jsonl", [{k2: v for k2, v in x.items() if k2 != "which"} for x in rows])
         atomic_write_json(d / "select.json", result)
 
+    def eval_outputs(self, k: int) -> list[Path]:
+        """What round k's eval stage writes (the samples as deployed only at another temperature than 1.0)."""
+        d = self.dir / f"v{k}"
+        deployed = [d / "eval_samples_deployed.jsonl"] if self.recipe.campaign.deploy_temperature != 1.0 else []
+        return [d / "eval.json", d / "eval_samples.jsonl", *deployed]
+
     def evaluate(self, k: int) -> None:
         from .evaluation import best_and_worst, histogram, kl_to_base, stats, win_rate
         from .generation import make_engine
@@ -806,18 +817,32 @@ class Campaign:
         policy = self.policy_of(k)
         engine = make_engine(policy, r.generation, seed=self.seed(k, "eval"),
                              trust_remote_code=r.model.trust_remote_code)
+        deploy_t = r.campaign.deploy_temperature
+        texts = [p["prompt"] for p in self.eval_prompts]
         try:
-            res = engine.generate([p["prompt"] for p in self.eval_prompts], r.campaign.eval_samples, 1.0,
-                                  r.generation.max_new_tokens, self.seed(k, "eval"))
+            res = engine.generate(texts, r.campaign.eval_samples, 1.0, r.generation.max_new_tokens,
+                                  self.seed(k, "eval"))
+            # The same policy as deployed (campaign.deploy_temperature), on its own seed: the samples at 1.0
+            # above are those of a campaign without this second measurement.
+            res_deployed = engine.generate(texts, r.campaign.eval_samples, deploy_t, r.generation.max_new_tokens,
+                                           self.seed(k, "eval_deployed")) if deploy_t != 1.0 else None
         finally:
             engine.close()
-        rows = [{**p, "sample": j, "response": c.text, "num_tokens": len(c.token_ids)}
-                for p, comps in zip(self.eval_prompts, res, strict=True) for j, c in enumerate(comps)]
+
+        def sample_rows(res: list) -> list[dict]:  # noqa: ANN001
+            return [{**p, "sample": j, "response": c.text, "num_tokens": len(c.token_ids)}
+                    for p, comps in zip(self.eval_prompts, res, strict=True) for j, c in enumerate(comps)]
+
+        rows = sample_rows(res)
+        deployed_rows = sample_rows(res_deployed) if res_deployed is not None else []
         with self.scorer(max(k, 1)) as scorer:
-            b = scorer.score([x["prompt"] for x in rows], [x["response"] for x in rows],
-                             [bool(x.get("is_safety", False)) for x in rows])
-            for x, s in zip(rows, b.rows(), strict=True):
-                x.update(s)
+            for part in (rows, deployed_rows):
+                if not part:
+                    continue
+                b = scorer.score([x["prompt"] for x in part], [x["response"] for x in part],
+                                 [bool(x.get("is_safety", False)) for x in part])
+                for x, s in zip(part, b.rows(), strict=True):
+                    x.update(s)
             # Win rates: the other rounds' eval samples rescored by the same scorer.
             others = {}
             for name, j in (("previous", k - 1), ("base", 0)):
@@ -831,13 +856,15 @@ class Campaign:
                 theirs = {(x["prompt"], x["sample"]): float(v) for x, v in zip(o, ob.r_c, strict=True)}
                 mine = {(x["prompt"], x["sample"]): x["r_c"] for x in rows}
                 others[name] = win_rate(mine, theirs)
-        gold = None
+        gold = deployed_gold = None
         if self.world is not None:
             from .tinyworld.world import find_prompt, judge, metrics
 
-            for x in rows:
+            for x in rows + deployed_rows:
                 x["gold"] = judge(find_prompt(x["prompt"]), x["response"]).gold
             gold = metrics((find_prompt(x["prompt"]), x["response"]) for x in rows)
+            if deployed_rows:
+                deployed_gold = metrics((find_prompt(x["prompt"]), x["response"]) for x in deployed_rows)
         kl = kl_to_base(policy, self.base_path, [x["prompt"] for x in rows], [x["response"] for x in rows])
         out = {
             "n_prompts": len(self.eval_prompts), "samples_per_prompt": r.campaign.eval_samples,
@@ -850,6 +877,15 @@ class Campaign:
             "win_rate_vs_base": others.get("base") if k > 0 else None,
             "samples": best_and_worst(rows), "seconds": time.time() - t,
         }
+        if deployed_rows:
+            # As deployed: the same prompts and number of samples at campaign.deploy_temperature.
+            out["deployed"] = {
+                "temperature": deploy_t, "samples_per_prompt": r.campaign.eval_samples,
+                "helpful": stats([x["score_helpful"] for x in deployed_rows]),
+                "safety": stats([x["score_safety"] for x in deployed_rows]),
+                "gated": stats([x["r_c"] for x in deployed_rows]), "gold": deployed_gold,
+                "response_words": sum(len(x["response"].split()) for x in deployed_rows) / len(deployed_rows)}
+            atomic_write_jsonl(d / "eval_samples_deployed.jsonl", deployed_rows)
         atomic_write_jsonl(d / "eval_samples.jsonl", rows)
         atomic_write_json(d / "eval.json", out)
 
@@ -923,7 +959,7 @@ class Campaign:
         self.prepare()
         self.train_rms()
         d0 = self.dir / "v0"
-        self.stage("v0/eval", [d0 / "eval.json", d0 / "eval_samples.jsonl"], lambda: self.evaluate(0))
+        self.stage("v0/eval", self.eval_outputs(0), lambda: self.evaluate(0))
         self.stage("v0/report", [d0 / "report.json", d0 / "metrics.jsonl"], lambda: self.round_report(0))
         for k in range(1, rounds + 1):
             log(f"[bold]round v{k}[/bold] ({self.recipe.campaign.mode}, scorer {self.recipe.scorer.kind})")

@@ -145,3 +145,29 @@ def save_checkpoint(model, tokenizer, out: str | Path, extra_files: dict[str, st
         (tmp / name).write_text(text, encoding="utf-8")
     commit_dir(tmp, out)
     return out
+
+
+def set_deploy_temperature(path: str | Path, temperature: float) -> None:
+    """Write the sampling temperature a policy is deployed with into its ``generation_config.json``.
+
+    transformers' ``generate`` and vLLM's default sampling parameters read it from
+    there (Llama-2-chat ships ``do_sample: true, temperature: 0.6, top_p: 0.9``).
+    The project's own sampling always passes its temperature explicitly, so this
+    changes how a user's tools sample the checkpoint, never a campaign.
+    """
+    from transformers import GenerationConfig
+
+    from .io import atomic_write_json
+
+    path = Path(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:  # a checkpoint saved without one: start from the model's config
+        from transformers import AutoConfig
+
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
+    gen.do_sample = True
+    gen.temperature = float(temperature)
+    d = gen.to_diff_dict()
+    d.pop("_from_model_config", None)  # now the checkpoint's own, not derived from config.json
+    atomic_write_json(path / "generation_config.json", d)

@@ -300,6 +300,11 @@ class CampaignConfig:
                               "and the 7B recipes: 5, RS only until V4; TinyWorld: 1, every round, which "
                               "results/ablation-ppo-from-v5 compares).", min=1)
     eval_samples: int = opt(16, "Samples per eval prompt in the reports.", min=1)
+    deploy_temperature: float = opt(
+        0.6, "Sampling temperature a round's policy is deployed with: written into its checkpoint's "
+        "generation_config.json (what transformers' generate and vLLM's default sampling parameters read) and "
+        "measured in the reports beside temperature 1.0, the temperature rejection sampling and PPO sample at "
+        "(Llama-2-chat ships 0.6 with top_p 0.9). 1.0 = no second measurement.", gt=0.0, max=2.0)
     holdout_from: Literal["ppo", "rs+ppo"] = opt(
         "rs+ppo", "1 in 8 train prompts (by hash) is held out for PPO's choice of its best iteration: 'ppo' keeps "
         "them out of PPO only (rejection sampling, its fine-tuning and the RM refreshes use every train prompt), "

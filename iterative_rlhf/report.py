@@ -44,11 +44,13 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("false_refusal_rate", "false refusal", "FRR"),
     ("false_refusal_rate_borderline", "false refusal (borderline)", "FRR bord"), ("kl_to_base", "KL to base", "KL"),
     ("win_rate_vs_previous", "win vs previous", "win prev"), ("response_words", "words", "words"),
+    ("deployed_gold", "gold as deployed", "gold dep"),
+    ("deployed_violation_rate", "violation as deployed", "viol dep"),
 )
 _SPEC = {"response_words": ".1f"}  # format of a summary value; others ".3f"
 #: the summary keys shown on the console (all of them do not fit in 80 columns; the files have them all).
 _CONSOLE_KEYS: tuple[str, ...] = ("name", "gated_mean", "helpful_mean", "safety_mean", "gold", "violation_rate",
-                                  "false_refusal_rate", "kl_to_base", "win_rate_vs_previous")
+                                  "false_refusal_rate", "kl_to_base", "win_rate_vs_previous", "deployed_gold")
 #: preference levels of rm_eval.json, strongest first (= rlmath.LEVELS; not imported: rlmath pulls in torch).
 _LEVELS: tuple[str, ...] = ("significantly_better", "better", "slightly_better", "negligibly_better")
 _STAGES: tuple[str, ...] = ("rm", "rs_sample", "rs_select", "sft", "ppo", "eval")
@@ -212,6 +214,9 @@ def summary_rows(rounds: Sequence[dict]) -> list[dict]:
             "kl_to_base": _num(_get(ev, "kl_to_base")),
             "win_rate_vs_previous": _num(_get(ev, "win_rate_vs_previous")),
             "response_words": _num(_get(ev, "response_words")),
+            # the same policy sampled at campaign.deploy_temperature (eval.json "deployed"; absent at 1.0)
+            "deployed_gold": _num(_get(ev, "deployed", "gold", "gold")),
+            "deployed_violation_rate": _num(_get(ev, "deployed", "gold", "violation_rate")),
         })
     return rows
 
@@ -419,6 +424,11 @@ def _plot_reward_per_round(rounds: Sequence[dict], path: Path, scorer: str = "ga
             xs, ys = gold[k]
             if xs:
                 ax.plot(xs, ys, style, label=k.replace("_", " "), lw=2.2 if k == "gold" else 1.2)
+        for k, style in (("gold", "o-"), ("violation_rate", "v--")):  # as deployed (campaign.deploy_temperature)
+            xs, ys = _series(rounds, lambda r, k=k: _get(r, "eval", "deployed", "gold", k))
+            if xs:
+                ax.plot(xs, ys, style, color="gray", alpha=0.8, lw=1.6 if k == "gold" else 1.0,
+                        label=f"{k.replace('_', ' ')} as deployed")
         ax.set_title("gold judge (TinyWorld)")
         ax.set_ylabel("rate")
         ax.set_ylim(-0.03, 1.03)
@@ -648,6 +658,21 @@ def _round_sections(rounds: Sequence[dict]) -> list[_Section]:
         ], "Gold judge on the eval samples (TinyWorld)."))
     else:
         blocks.append(_Text("Gold metrics: none (the gold judge exists only in TinyWorld)."))
+    deployed = [r for r in rounds if _get(r, "eval", "deployed")]
+    if deployed:
+        temps = sorted({_num(_get(r, "eval", "deployed", "temperature")) for r in deployed} - {None})
+        dep = lambda *keys: _ev("deployed", *keys)  # noqa: E731
+        blocks.append(_rows_table(deployed, [
+            ("temperature", dep("temperature"), ".2f"), ("gated mean", dep("gated", "mean"), ".3f"),
+            ("helpful mean", dep("helpful", "mean"), ".3f"), ("safety mean", dep("safety", "mean"), ".3f"),
+            ("gold", dep("gold", "gold"), ".3f"), ("helpful rate", dep("gold", "helpful_rate"), ".3f"),
+            ("false refusal", dep("gold", "false_refusal_rate"), ".3f"),
+            ("false refusal (borderline)", dep("gold", "false_refusal_rate_borderline"), ".3f"),
+            ("violation", dep("gold", "violation_rate"), ".3f"), ("response words", dep("response_words"), ".1f"),
+        ], "As deployed: the same policies and prompts sampled at campaign.deploy_temperature ("
+            + ", ".join(f"{t:g}" for t in temps) + "), the temperature written into each checkpoint's "
+            "generation_config.json; the tables above sample at 1.0, as rejection sampling and PPO do.",
+            drop_empty=True))
     blocks.append(_rows_table(rounds, [
         ("KL to base", _ev("kl_to_base"), ".3f"), ("sqrt KL", lambda r: _sqrt(_num(_get(r, "eval", "kl_to_base"))),
                                                    ".3f"),
@@ -1035,9 +1060,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
           [[r["run"], r["final"]["name"], *(r["final"][k] for k in console_keys), r["best"]["name"],
             r["best"]["value"]] for r in runs])
     if groups:
-        table("seed groups: final round, mean ± sd over the seeds", ["group", "seeds", "gold", "viol", "R_c"],
-              [[g["group"], g["n"], *(_mean_sd(g["mean"][k], g["sd"][k]) for k in ("gold", "violation_rate",
-                                                                                   "gated_mean"))]
-               for g in groups])
+        keys = ("gold", "violation_rate", "gated_mean", "deployed_gold", "deployed_violation_rate")
+        table("seed groups: final round, mean ± sd over the seeds",
+              ["group", "seeds", "gold", "viol", "R_c", "gold dep", "viol dep"],
+              [[g["group"], g["n"], *(_mean_sd(g["mean"][k], g["sd"][k]) for k in keys)] for g in groups])
     log(f"comparison -> {out / 'compare.md'} (compare.json, compare.png)")
     return result

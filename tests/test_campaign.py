@@ -112,6 +112,21 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(d / "v2" / "ppo" / "policy")
+    # ... deployed at campaign.deploy_temperature: its generation config says so, and the reports measure each
+    # round's policy at that temperature too, on the same prompts, beside temperature 1.0.
+    from transformers import GenerationConfig
+
+    for ckpt in ("v1/rs_policy", "v2/rs_policy", "v2/ppo/policy"):
+        gen = GenerationConfig.from_pretrained(d / ckpt)
+        assert gen.do_sample and gen.temperature == 0.6, ckpt
+    for r in report["rounds"]:
+        dep = r["eval"]["deployed"]
+        assert dep["temperature"] == 0.6 and dep["gold"]["n"] == r["eval"]["gold"]["n"] == 55
+        assert 0 <= dep["gated"]["mean"] <= 1 and 0 <= dep["gold"]["violation_rate"] <= 1
+    deployed = [json.loads(x) for x in (d / "v2" / "eval_samples_deployed.jsonl").read_text().splitlines()]
+    assert len(deployed) == 55 and all("r_c" in x and x["gold"] in (0, 1) for x in deployed)
+    assert report["summary"][2]["deployed_gold"] == report["rounds"][2]["eval"]["deployed"]["gold"]["gold"]
+    assert "As deployed" in (d / "report.md").read_text()
     # Each round's training logs in one file, tagged by stage, in the order the stages ran.
     rows = [json.loads(line) for line in (d / "v2" / "metrics.jsonl").read_text().splitlines()]
     stages_seen = list(dict.fromkeys(r["stage"] for r in rows))

@@ -200,7 +200,8 @@ def test_load_rounds_sorts_by_round_and_summary_keys(tmp_path: Path) -> None:
     # The campaign's end-of-round table takes its columns from the keys of the first row.
     assert list(rows[0]) == [k for k, _, _ in SUMMARY_COLUMNS] == [
         "name", "gated_mean", "helpful_mean", "safety_mean", "gold", "violation_rate", "false_refusal_rate",
-        "false_refusal_rate_borderline", "kl_to_base", "win_rate_vs_previous", "response_words"]
+        "false_refusal_rate_borderline", "kl_to_base", "win_rate_vs_previous", "response_words", "deployed_gold",
+        "deployed_violation_rate"]
     assert rows[0]["win_rate_vs_previous"] is None and rows[3]["name"] == "v10"
 
 
@@ -232,3 +233,23 @@ def test_reward_model_training_time_per_round_comes_from_the_training_summaries(
     text = (run / "report.md").read_text()
     assert "| round | rm | rs_sample | rs_select | sft | ppo | eval | total |" in text
     assert "| v0 | 35.5 |" in text
+
+
+def test_rounds_measured_as_deployed_get_their_own_table_and_summary_columns(tmp_path: Path) -> None:
+    rounds = _rounds()
+    for r, g in zip(rounds[1:], (0.91, 0.95), strict=True):  # v0 was evaluated before the feature: no "deployed"
+        r["eval"]["deployed"] = {"temperature": 0.6, "gated": {"mean": 0.7}, "helpful": {"mean": 1.2},
+                                 "safety": {"mean": 0.3}, "gold": {"gold": g, "helpful_rate": 0.9,
+                                                                   "false_refusal_rate": 0.01,
+                                                                   "false_refusal_rate_borderline": 0.0,
+                                                                   "violation_rate": 0.004},
+                                 "response_words": 4.5}
+    run = make_run(tmp_path, "run", rounds)
+    report = write_report(run)
+    assert [row["deployed_gold"] for row in report["summary"]] == [None, 0.91, 0.95]
+    assert [row["deployed_violation_rate"] for row in report["summary"]] == [None, 0.004, 0.004]
+    md = (run / "report.md").read_text()
+    assert "As deployed: the same policies and prompts sampled at campaign.deploy_temperature (0.6)" in md
+    assert "| v2 | 0.60 | 0.700 | 1.200 | 0.300 | 0.950 | 0.900 | 0.010 | 0.000 | 0.004 | 4.5 |" in md
+    assert "| v0 | 0.60 |" not in md  # a round without the measurement has no row
+    _valid_png(run / "plots" / "reward_per_round.png")
