@@ -60,12 +60,18 @@ class Manifest:
         self.path = run_dir / "manifest.json"
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
 
-    def done(self, stage: str, outputs: list[Path] = ()) -> bool:
-        """True when the stage is recorded, every output it recorded still hashes the same, and each of
-        ``outputs`` (what the stage writes now) was recorded (a stage of an older version may have written less)."""
+    def done(self, stage: str, outputs: list[Path] = (), inputs: list[Path] = ()) -> bool:
+        """True when the stage is recorded, every output it recorded still hashes the same, each of
+        ``outputs`` (what the stage writes now) was recorded (a stage of an older version may have written less),
+        and each of ``inputs`` (files of earlier stages it reads) hashes as when it ran."""
         entry = self.data["stages"].get(stage)
         if entry is None:
             return False
+        for p in inputs:
+            rel = str(p.relative_to(self.run_dir))
+            if entry.get("inputs", {}).get(rel) != (hash_path(p) if p.exists() else None):
+                log(f"[yellow]{stage}: its input {rel} changed since it ran; running the stage again[/yellow]")
+                return False
         for p in outputs:
             if str(p.relative_to(self.run_dir)) not in entry["outputs"]:
                 log(f"[yellow]{stage}: output {p.relative_to(self.run_dir)} was not written by the run that "
@@ -78,9 +84,11 @@ class Manifest:
                 return False
         return True
 
-    def mark(self, stage: str, outputs: list[Path]) -> None:
+    def mark(self, stage: str, outputs: list[Path], inputs: list[Path] = ()) -> None:
         self.data["stages"][stage] = {
             "outputs": {str(p.relative_to(self.run_dir)): hash_path(p) for p in outputs},
+            **({"inputs": {str(p.relative_to(self.run_dir)): hash_path(p) for p in inputs if p.exists()}}
+               if inputs else {}),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         atomic_write_json(self.path, self.data)
@@ -192,13 +200,14 @@ class Campaign:
     def seed(self, k: int, stage: str) -> int:
         return self.recipe.seed * 100_000 + k * 100 + STAGE_SEEDS[stage]
 
-    def stage(self, name: str, outputs: list[Path], fn: Callable[[], Any]) -> bool:
-        """Run ``fn`` unless the stage is done; record its outputs. Returns True if it ran."""
-        if self.manifest.done(name, outputs):
+    def stage(self, name: str, outputs: list[Path], fn: Callable[[], Any], inputs: list[Path] = ()) -> bool:
+        """Run ``fn`` unless the stage is done (its outputs, and the ``inputs`` it reads, as when it ran); record
+        its outputs and inputs. Returns True if it ran."""
+        if self.manifest.done(name, outputs, inputs):
             return False
         t = time.time()
         fn()
-        self.manifest.mark(name, outputs)
+        self.manifest.mark(name, outputs, inputs)
         log(f"[green]done[/green] {name} ({time.time() - t:.1f} s)")
         return True
 
@@ -539,7 +548,8 @@ class Campaign:
         if r.campaign.select == "best":
             self.stage(f"v{k}/select", [d / "select.json", d / "select_samples.jsonl"], lambda: self.select(k))
         self.stage(f"v{k}/eval", self.eval_outputs(k), lambda: self.evaluate(k))
-        self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k))
+        self.stage(f"v{k}/report", [d / "report.json", d / "metrics.jsonl"], lambda: self.round_report(k),
+                   inputs=self.report_inputs(k))
 
     def run_rs(self, k: int, start: str) -> None:
         """Round k's rejection sampling from policy ``start``: (the temperature search,) sample, (refresh the RMs
@@ -835,7 +845,7 @@ class Campaign:
 
         rows = sample_rows(res)
         deployed_rows = sample_rows(res_deployed) if res_deployed is not None else []
-        with self.scorer(max(k, 1)) as scorer:
+        with self.scorer(k) as scorer:  # v0: the initial RMs, also when a later run evaluates it again
             for part in (rows, deployed_rows):
                 if not part:
                     continue
@@ -888,6 +898,12 @@ class Campaign:
             atomic_write_jsonl(d / "eval_samples_deployed.jsonl", deployed_rows)
         atomic_write_jsonl(d / "eval_samples.jsonl", rows)
         atomic_write_json(d / "eval.json", out)
+
+    def report_inputs(self, k: int) -> list[Path]:
+        """The stage results round k's report is made of: when one is made again (another version's evaluation),
+        so is the report."""
+        d = self.dir / f"v{k}"
+        return [d / name for name in ("eval.json", "rs.json", "ppo.json", "select.json")]
 
     def round_report(self, k: int) -> None:
         d = self.dir / f"v{k}"
@@ -960,7 +976,8 @@ class Campaign:
         self.train_rms()
         d0 = self.dir / "v0"
         self.stage("v0/eval", self.eval_outputs(0), lambda: self.evaluate(0))
-        self.stage("v0/report", [d0 / "report.json", d0 / "metrics.jsonl"], lambda: self.round_report(0))
+        self.stage("v0/report", [d0 / "report.json", d0 / "metrics.jsonl"], lambda: self.round_report(0),
+                   inputs=self.report_inputs(0))
         for k in range(1, rounds + 1):
             log(f"[bold]round v{k}[/bold] ({self.recipe.campaign.mode}, scorer {self.recipe.scorer.kind})")
             self.run_round(k)

@@ -83,6 +83,24 @@ def test_a_stage_reruns_when_it_now_writes_an_output_its_record_lacks(tmp_path):
     assert not Manifest(tmp_path).done("v1/report", [report, metrics])
 
 
+def test_a_stage_reruns_when_an_input_it_read_was_made_again_differently(tmp_path):
+    from iterative_rlhf.campaign import Manifest
+
+    (tmp_path / "v1").mkdir()
+    ev, ppo, report = (tmp_path / "v1" / n for n in ("eval.json", "ppo.json", "report.json"))
+    ev.write_text('{"gold": 0.5}')
+    report.write_text("{}")
+    Manifest(tmp_path).mark("v1/report", [report])  # an older version recorded no inputs: made again once
+    assert not Manifest(tmp_path).done("v1/report", [report], [ev, ppo])
+    Manifest(tmp_path).mark("v1/report", [report], [ev, ppo])  # ppo.json does not exist (an rs campaign)
+    assert Manifest(tmp_path).done("v1/report", [report], [ev, ppo])
+    ev.write_text('{"gold": 0.5, "deployed": {"gold": 0.9}}')  # the evaluation made again by a newer version
+    assert not Manifest(tmp_path).done("v1/report", [report], [ev, ppo])
+    Manifest(tmp_path).mark("v1/report", [report], [ev, ppo])
+    ppo.write_text("{}")  # an input that appeared
+    assert not Manifest(tmp_path).done("v1/report", [report], [ev, ppo])
+
+
 def test_read_jsonl_errors(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a"}\n[1, 2]\n')
