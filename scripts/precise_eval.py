@@ -145,15 +145,19 @@ def main() -> None:
                                      and earlier[n]["seed"] == args.seed
                                      and earlier[n].get("temperature", 1.0) == args.temperature)
                    for n in campaigns())
-    if complete:
-        rows = [measured.get(n) or earlier[n] for n in campaigns()]
-        t = args.temperature
+    t = args.temperature
+    if complete or (t != 1.0 and (measured or earlier)):  # at another temperature: the campaigns measured there
+        rows = [measured.get(n) or earlier[n] for n in campaigns() if n in measured or n in earlier]
         text = (f"# Last-round policies, {args.samples} samples per eval prompt"
                 f"{'' if t == 1.0 else f', temperature {t:g}'}\n\n"
                 "Made by:\n\n```bash\npython scripts/precise_eval.py"
-                f"{'' if t == 1.0 else f' --temperature {t:g}'}\n```\n\n"
+                f"{'' if t == 1.0 else f' --temperature {t:g}'}"
+                f"{'' if complete else ' ' + ' '.join(r['name'] for r in rows)}\n```\n\n"
+                f"{'' if complete else 'Only the campaigns below were measured at this temperature (NAME ... '}"
+                f"{'' if complete else 'names them). '}"
                 f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "
-                f"temperature {t:g} (the reports: 16 samples at 1.0), scored by TinyWorld's gold judge.\n\n"
+                f"temperature {t:g} (the reports: 16, at 1.0 and at campaign.deploy_temperature), scored by "
+                "TinyWorld's gold judge.\n\n"
                 f"{table(rows)}\n")
         (out / "README.md").write_text(text)
     print(table(rows))
