@@ -12,8 +12,12 @@ prints the table, with the mean and standard deviation over the seeds of each gr
 With --temperature T other than 1.0 (the reports' sampling temperature) it measures the same
 checkpoints as deployed with a lower temperature, into results/precise-eval/tT/ (its own README).
 
-usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [--temperature 1.0] [--table-only] [NAME ...]
-       (no NAME = every campaign)
+With --rounds it also measures every round's policy of each NAME (V1..Vn) the same way, into
+rounds/NAME.json beside the others, and the README gets a table of gold per round with each campaign's
+largest fall from one round to the next.
+
+usage: python scripts/precise_eval.py [--samples 128] [--seed 0] [--temperature 1.0] [--rounds] [--table-only]
+                                      [NAME ...]   (no NAME = every campaign)
 """
 
 from __future__ import annotations
@@ -99,6 +103,46 @@ def measure(name: str, samples: int, seed: int, temperature: float = 1.0) -> dic
     return row
 
 
+def measure_rounds(name: str, samples: int, seed: int, temperature: float) -> dict:
+    """Every round's policy of runs/NAME (V1..Vn), like :func:`measure`; writes rounds/NAME.json."""
+    from iterative_rlhf.config import load_recipe
+    from iterative_rlhf.tinyworld.evaluate import evaluate_policy
+
+    recipe = load_recipe(str(RESULTS / name / "config.yaml"))
+    report = json.loads((RESULTS / name / "report.json").read_text())
+    rounds = []
+    for r in report["rounds"][1:]:
+        policy = ROOT / "runs" / name / r["policy"]
+        if not (policy / "config.json").is_file():
+            raise SystemExit(f"{policy}: no checkpoint; run scripts/regenerate_results.sh {name} first")
+        m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed, temperature=temperature)
+        rounds.append({"round": r["name"], "policy": str(policy.relative_to(ROOT)), **{k: m[k] for k in KEYS}})
+        print(f"{name} {r['name']}: gold {m['gold']:.3f} violation {m['violation_rate']:.4f}", flush=True)
+    row = {"name": name, "samples_per_prompt": samples, "seed": seed, "temperature": temperature, "rounds": rounds}
+    out = out_dir(temperature) / "rounds"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def rounds_table(out: Path) -> str:
+    """Gold per round of every rounds/NAME.json, and each campaign's largest fall between two rounds."""
+    files = sorted((out / "rounds").glob("*.json")) if (out / "rounds").is_dir() else []
+    rows = [json.loads(f.read_text()) for f in files]
+    if not rows:
+        return ""
+    n = max(len(r["rounds"]) for r in rows)
+    lines = ["| run | " + " | ".join(f"V{k}" for k in range(1, n + 1)) + " | largest fall | V5 violation |",
+             "| --- |" + " --- |" * (n + 2)]
+    for r in rows:
+        gold = [x["gold"] for x in r["rounds"]]
+        fall = max([0.0] + [a - b for a, b in zip(gold, gold[1:])])
+        lines.append(f"| `{r['name']}` | " + " | ".join(f"{g:.3f}" for g in gold) + " |" * (n - len(gold))
+                     + f" | {fall:.3f} | {r['rounds'][-1]['violation_rate']:.4f} |")
+    return ("\n\n## Every round\n\nGold of each round's policy, the same samples per prompt and temperature "
+            "(`--rounds`); largest fall = the most gold lost from one round to the next.\n\n" + "\n".join(lines))
+
+
 def seed_list(names: tuple[str, ...]) -> str:
     """'0-2' for seeds 0, 1, 2 (a name without -seedN is seed 0); '0, 4' when they are not consecutive."""
     seeds = sorted(int(n.rsplit("-seed", 1)[1]) if "-seed" in n else 0 for n in names)
@@ -129,6 +173,7 @@ def main() -> None:
                     help="sampling temperature (the reports: 1.0; another writes to results/precise-eval/tT/)")
     ap.add_argument("--table-only", action="store_true",
                     help="measure nothing: rebuild the README from the JSONs already there")
+    ap.add_argument("--rounds", action="store_true", help="also measure every round's policy of each NAME")
     ap.add_argument("names", nargs="*", help="campaigns under results/ (default: all)")
     args = ap.parse_args()
     names = [] if args.table_only else args.names or campaigns()
@@ -136,6 +181,8 @@ def main() -> None:
     for name in names:
         rows.append(measure(name, args.samples, args.seed, args.temperature))
         print(f"{name}: gold {rows[-1]['gold']:.3f} violation {rows[-1]['violation_rate']:.4f}", flush=True)
+        if args.rounds:
+            measure_rounds(name, args.samples, args.seed, args.temperature)
     # The README covers every campaign: with NAMEs, the others come from their earlier JSON (same samples/seed).
     measured = {r["name"]: r for r in rows}
     out = out_dir(args.temperature)
@@ -158,7 +205,7 @@ def main() -> None:
                 f"Each campaign's last checkpoint (runs/NAME) sampled {args.samples} times per eval prompt at "
                 f"temperature {t:g} (the reports: 16, at 1.0 and at campaign.deploy_temperature), scored by "
                 "TinyWorld's gold judge.\n\n"
-                f"{table(rows)}\n")
+                f"{table(rows)}{rounds_table(out)}\n")
         (out / "README.md").write_text(text)
     print(table(rows))
 

@@ -178,13 +178,19 @@ def _greedy_hf(model, tok, prompts: list[str]) -> list[list[int]]:  # noqa: ANN0
 
 
 @pytest.fixture(scope="module")
-def vllm_run(world):
+def vllm_run(world, tmp_path_factory):
     """Everything the vLLM tests check, from one engine start (the expensive part, ~25 s+)."""
     pytest.importorskip("vllm")
-    from iterative_rlhf.checkpoint import load_causal_lm
+    import shutil
+
+    from iterative_rlhf.checkpoint import load_causal_lm, set_deploy_temperature
     from iterative_rlhf.generation import VLLMEngine
 
-    path = str(world.policy)
+    # The policy as a campaign deploys it: its generation_config.json says temperature 0.6. vLLM's default
+    # sampling parameters must read it, and the engine's explicit ones (temperature 1.0 below) must not.
+    path = str(tmp_path_factory.mktemp("deployed") / "policy")
+    shutil.copytree(world.policy, path)
+    set_deploy_temperature(path, 0.6)
     prompts = eval_prompts()
     texts = [p.text for p in prompts]
     threads_before = torch.get_num_threads()
@@ -198,6 +204,7 @@ def vllm_run(world):
     engine = VLLMEngine(path, GenerationConfig(engine="vllm"), seed=0)  # dtype auto: float32 on the CPU
     r["startup_s"] = engine.startup_s
     try:
+        r["default_temperature"] = engine.llm.get_default_sampling_params().temperature
         r["vllm"] = engine.generate(texts, N, 1.0, MAX_NEW, seed=SEED)
         r["vllm_again"] = engine.generate(texts[:8], N, 1.0, MAX_NEW, seed=SEED)
         r["vllm_other_seed"] = engine.generate(texts[:8], N, 1.0, MAX_NEW, seed=SEED + 1)
@@ -240,6 +247,7 @@ def vllm_run(world):
 @pytest.mark.slow
 def test_vllm_outputs_well_formed_and_seeded(vllm_run):
     r = vllm_run
+    assert r["default_temperature"] == 0.6  # the checkpoint's deploy temperature (generation_config.json)
     check_well_formed(r["vllm"], len(r["prompts"]), N, r["tokenizer"], MAX_NEW)
     ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
     assert ids(r["vllm_again"]) == ids(r["vllm"][:8])  # same seed, fewer prompts: same samples per prompt
