@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive("--samples"), default=4, help="Samples per prompt.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     p.add_argument("--temperature", type=_positive_float("--temperature"), default=1.0,
-                   help="Sampling temperature (the campaign reports sample at 1.0; 0.1 is close to greedy).")
+                   help="Sampling temperature (the campaign reports sample at 1.0 and at campaign.deploy_temperature, "
+                   "0.6 by default, the one written into each round's checkpoint; 0.1 is close to greedy).")
     p.add_argument("--out", type=Path, default=None, help="Also write the metrics as JSON here.")
     p.set_defaults(func=cmd_tinyworld_eval)
 
