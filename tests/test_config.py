@@ -65,6 +65,8 @@ def test_overrides():
     ("sft.quant.load_in_4bit=true", "set sft.lora.enabled=true"),
     ("rs", "expected key=value"),
     ("reward.refresh_data=annotations/v{round}.jsonl", "needs both {round} and {kind}"),
+    ("campaign.deploy_temperature=0", "campaign.deploy_temperature: 0.0 must be greater than 0.0"),
+    ("campaign.deploy_temperature=hot", "campaign.deploy_temperature: expected a number"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:
@@ -137,3 +139,12 @@ def test_hub_recipes_resolve_their_rm_data_and_make_their_prompt_files(path, tmp
     n_train, n_eval = campaign_prompt_files(recipe, tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
     assert n_train and n_eval
     assert recipe.campaign.prompts and recipe.campaign.eval_prompts
+
+
+def test_the_deploy_temperature_decides_whether_the_eval_samples_twice(tmp_path):
+    from iterative_rlhf.campaign import Campaign
+
+    names = {t: [p.name for p in Campaign(load_recipe(None, [f"campaign.deploy_temperature={t}"]),
+                                          tmp_path / str(t)).eval_outputs(3)] for t in (0.6, 1.0)}
+    assert names[0.6] == ["eval.json", "eval_samples.jsonl", "eval_samples_deployed.jsonl"]
+    assert names[1.0] == ["eval.json", "eval_samples.jsonl"]  # 1.0: the one measurement is the deployed one
