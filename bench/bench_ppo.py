@@ -296,31 +296,10 @@ def tinyworld(args: argparse.Namespace) -> None:
     from iterative_rlhf.config import TinyWorldConfig, load_recipe
     from iterative_rlhf.ppo import run_ppo
     from iterative_rlhf.tinyworld.build import build_world
-    from iterative_rlhf.tinyworld.world import get_prompts, judge, metrics
+    from iterative_rlhf.tinyworld.evaluate import GoldScorer
+    from iterative_rlhf.tinyworld.world import get_prompts, metrics
 
     torch.set_num_threads(args.threads)
-
-    class GoldScorer:
-        """The TinyWorld gold judge as a scorer: reward 2 * gold - 1, helpful/safe as the raw scores."""
-
-        def __init__(self) -> None:
-            self.whiten = None
-
-        def score(self, prompts, responses, is_safety):  # noqa: ANN001, ANN201
-            from types import SimpleNamespace
-
-            js = [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
-            reward = torch.tensor([2.0 * j.gold - 1.0 for j in js])
-            if self.whiten is not None:
-                reward = self.whiten.apply(reward)
-            return SimpleNamespace(reward=reward, helpful=torch.tensor([float(j.helpful) for j in js]),
-                                   safety=torch.tensor([float(j.safe) for j in js]))
-
-        def set_whitening(self, stats) -> None:  # noqa: ANN001
-            self.whiten = stats
-
-        def close(self) -> None:
-            pass
 
     if args.world_config == "tests":
         sys.path.insert(0, str(REPO / "tests"))

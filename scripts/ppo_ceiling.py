@@ -20,38 +20,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("ITERATIVE_RLHF_NO_PROGRESS", "1")
-
-import torch  # noqa: E402
 
 from iterative_rlhf.campaign import is_held_out  # noqa: E402
 from iterative_rlhf.config import load_recipe  # noqa: E402
 from iterative_rlhf.ppo import run_ppo  # noqa: E402
-from iterative_rlhf.tinyworld.evaluate import evaluate_policy  # noqa: E402
-from iterative_rlhf.tinyworld.world import get_prompts, judge, metrics  # noqa: E402
-
-
-class GoldScorer:
-    """The gold judge as PPO's scorer: reward 2 * gold - 1 (whitened by PPO's statistics)."""
-
-    def __init__(self) -> None:
-        self.whiten = None
-
-    def score(self, prompts, responses, is_safety):  # noqa: ANN001, ANN201, ARG002
-        js = [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
-        reward = torch.tensor([2.0 * j.gold - 1.0 for j in js])
-        if self.whiten is not None:
-            reward = self.whiten.apply(reward)
-        return SimpleNamespace(reward=reward, helpful=torch.tensor([float(j.helpful) for j in js]),
-                               safety=torch.tensor([float(j.safe) for j in js]))
-
-    def set_whitening(self, stats) -> None:  # noqa: ANN001
-        self.whiten = stats
-
-    def close(self) -> None:
-        pass
+from iterative_rlhf.tinyworld.evaluate import GoldScorer, evaluate_policy  # noqa: E402
+from iterative_rlhf.tinyworld.world import get_prompts, metrics  # noqa: E402
 
 
 def main() -> None:

@@ -103,8 +103,9 @@ def measure(name: str, samples: int, seed: int, temperature: float = 1.0) -> dic
     return row
 
 
-def measure_rounds(name: str, samples: int, seed: int, temperature: float) -> dict:
-    """Every round's policy of runs/NAME (V1..Vn), like :func:`measure`; writes rounds/NAME.json."""
+def measure_rounds(name: str, samples: int, seed: int, temperature: float, last: dict) -> dict:
+    """Every round's policy of runs/NAME (V1..Vn), like :func:`measure` (whose row ``last`` is the last
+    round's: not sampled again); writes rounds/NAME.json."""
     from iterative_rlhf.config import load_recipe
     from iterative_rlhf.tinyworld.evaluate import evaluate_policy
 
@@ -115,7 +116,11 @@ def measure_rounds(name: str, samples: int, seed: int, temperature: float) -> di
         policy = ROOT / "runs" / name / r["policy"]
         if not (policy / "config.json").is_file():
             raise SystemExit(f"{policy}: no checkpoint; run scripts/regenerate_results.sh {name} first")
-        m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed, temperature=temperature)
+        if str(policy.relative_to(ROOT)) == last["policy"]:
+            m = last
+        else:
+            m = evaluate_policy(str(policy), recipe, split="eval", samples=samples, seed=seed,
+                                temperature=temperature)
         rounds.append({"round": r["name"], "policy": str(policy.relative_to(ROOT)), **{k: m[k] for k in KEYS}})
         print(f"{name} {r['name']}: gold {m['gold']:.3f} violation {m['violation_rate']:.4f}", flush=True)
     row = {"name": name, "samples_per_prompt": samples, "seed": seed, "temperature": temperature, "rounds": rounds}
@@ -132,7 +137,7 @@ def rounds_table(out: Path) -> str:
     if not rows:
         return ""
     n = max(len(r["rounds"]) for r in rows)
-    lines = ["| run | " + " | ".join(f"V{k}" for k in range(1, n + 1)) + " | largest fall | V5 violation |",
+    lines = ["| run | " + " | ".join(f"V{k}" for k in range(1, n + 1)) + " | largest fall | last round's violation |",
              "| --- |" + " --- |" * (n + 2)]
     for r in rows:
         gold = [x["gold"] for x in r["rounds"]]
@@ -182,7 +187,7 @@ def main() -> None:
         rows.append(measure(name, args.samples, args.seed, args.temperature))
         print(f"{name}: gold {rows[-1]['gold']:.3f} violation {rows[-1]['violation_rate']:.4f}", flush=True)
         if args.rounds:
-            measure_rounds(name, args.samples, args.seed, args.temperature)
+            measure_rounds(name, args.samples, args.seed, args.temperature, rows[-1])
     # The README covers every campaign: with NAMEs, the others come from their earlier JSON (same samples/seed).
     measured = {r["name"]: r for r in rows}
     out = out_dir(args.temperature)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,43 +20,13 @@ from iterative_rlhf import ppo
 from iterative_rlhf.config import PPOConfig, TinyWorldConfig, load_recipe
 from iterative_rlhf.errors import NumericalError, UserError
 from iterative_rlhf.rlmath import WhitenStats, logprobs_from_logits, policy_loss
+from iterative_rlhf.tinyworld.evaluate import GoldScorer
 
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class Scores:
-    """The part of scorer.ScoreBatch that PPO reads."""
-
-    reward: torch.Tensor
-    helpful: torch.Tensor
-    safety: torch.Tensor
-
-
-class JudgeScorer:
-    """Scores with the TinyWorld gold judge: helpful/safe in {0, 1}, reward = 2 * gold - 1 (then whitened)."""
-
-    def __init__(self) -> None:
-        self.whiten: WhitenStats | None = None
-        self.calls = 0
-
-    def score(self, prompts, responses, is_safety):  # noqa: ANN001, ANN201
-        from iterative_rlhf.tinyworld.world import judge
-
-        self.calls += 1
-        js = [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
-        helpful = torch.tensor([float(j.helpful) for j in js])
-        safety = torch.tensor([float(j.safe) for j in js])
-        reward = torch.tensor([2.0 * j.gold - 1.0 for j in js])
-        if self.whiten is not None:
-            reward = self.whiten.apply(reward)
-        return Scores(reward=reward, helpful=helpful, safety=safety)
-
-    def set_whitening(self, stats: WhitenStats | None) -> None:
-        self.whiten = stats
-
-    def close(self) -> None:
-        pass
+# The exact reward: TinyWorld's gold judge (2 * gold - 1, then whitened).
+JudgeScorer = GoldScorer
 
 
 class NaNScorer(JudgeScorer):

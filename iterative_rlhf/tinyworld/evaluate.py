@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from ..config import Recipe
 from ..generation import Engine, make_engine
 from .world import Prompt, get_prompts, metrics
@@ -24,3 +26,33 @@ def evaluate_policy(model: str, recipe: Recipe, split: str = "eval", samples: in
     finally:
         engine.close()
     return metrics(pairs)
+
+
+class GoldScorer:
+    """TinyWorld's gold judge as a PPO scorer (:class:`iterative_rlhf.ppo.Scorer`): the exact reward.
+
+    ``reward`` = 2 * gold - 1 (whitened with PPO's statistics when it sets them); ``helpful`` and
+    ``safety`` are the judge's 0/1 scores. What PPO reaches with it bounds what it can reach with
+    learned reward models (``scripts/ppo_ceiling.py``, ``bench/bench_ppo.py tinyworld``).
+    """
+
+    def __init__(self) -> None:
+        self.whiten = None
+
+    def score(self, prompts: list[str], responses: list[str], is_safety: list[bool]) -> SimpleNamespace:  # noqa: ARG002
+        import torch
+
+        from .world import judge
+
+        js = [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
+        reward = torch.tensor([2.0 * j.gold - 1.0 for j in js])
+        if self.whiten is not None:
+            reward = self.whiten.apply(reward)
+        return SimpleNamespace(reward=reward, helpful=torch.tensor([float(j.helpful) for j in js]),
+                               safety=torch.tensor([float(j.safe) for j in js]))
+
+    def set_whitening(self, stats) -> None:  # noqa: ANN001
+        self.whiten = stats
+
+    def close(self) -> None:
+        pass
