@@ -125,6 +125,10 @@ class RewardModelConfig:
     center_rewards_coefficient: float = opt(0.0, "TRL's auxiliary loss pulling mean reward to 0.", min=0.0)
     group_by_length: bool = opt(True, "Batch pairs of similar length, the batches in random order: less "
                                 "padding, faster steps (TinyWorld: 1.55x).")
+    prompts_per_batch: int = opt(0, "Draw each step's pairs from this many prompts (batch_size / "
+                                 "prompts_per_batch pairs each) and score each distinct response once per step: "
+                                 "the same loss on fewer forward passes where a prompt has many comparisons of "
+                                 "few responses. 0 = pairs drawn independently (TRL's way).", min=0)
     lora: LoraConfig = sub(LoraConfig)
     quant: QuantConfig = sub(QuantConfig)
 

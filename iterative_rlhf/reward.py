@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -261,8 +262,10 @@ class _RichProgress(TrainerCallback):
         return control
 
 
-def _tokenize_pairs(ds: datasets.Dataset, tokenizer, max_length: int, kind: str) -> datasets.Dataset:  # noqa: ANN001
-    """``chosen_ids``, ``rejected_ids`` (via :func:`encode`) and ``margin``; pairs over ``max_length`` dropped."""
+def _tokenize_pairs(ds: datasets.Dataset, tokenizer, max_length: int, kind: str,  # noqa: ANN001
+                    keep: tuple[str, ...] = ()) -> datasets.Dataset:
+    """``chosen_ids``, ``rejected_ids`` (via :func:`encode`), ``margin`` and the ``keep`` columns; pairs over
+    ``max_length`` dropped."""
 
     def tok(batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["prompt"])
@@ -272,7 +275,7 @@ def _tokenize_pairs(ds: datasets.Dataset, tokenizer, max_length: int, kind: str)
         return {"chosen_ids": ids[:n], "rejected_ids": ids[n:]}
 
     cache: dict[tuple[str, str], list[int]] = {}  # each distinct (prompt, response) is templated once
-    out = ds.map(tok, batched=True, remove_columns=[c for c in ds.column_names if c != "margin"])
+    out = ds.map(tok, batched=True, remove_columns=[c for c in ds.column_names if c != "margin" and c not in keep])
     n = len(out)
     out = out.filter(lambda r: len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length)
     if len(out) < n:
@@ -335,7 +338,12 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     model.config.pad_token_id = tokenizer.pad_token_id
     model = apply_lora(model, cfg.lora, "SEQ_CLS", quantized=bool(quantized))
 
-    train = _tokenize_pairs(train_ds, tokenizer, cfg.max_length, kind)
+    train = _tokenize_pairs(train_ds, tokenizer, cfg.max_length, kind,
+                            keep=("prompt",) if cfg.prompts_per_batch else ())
+    groups = None
+    if cfg.prompts_per_batch:
+        groups = train["prompt"]
+        train = train.remove_columns("prompt")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = min(cfg.per_device_batch_size, cfg.batch_size)
     accum = max(1, cfg.batch_size // (per_device * world_size))
@@ -385,8 +393,14 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         f"{per_device * accum * world_size} pairs (per device {per_device} x accumulation {accum}), "
         f"lr {cfg.learning_rate:g}, warm-up {warmup}, "
         f"init {init}{', LoRA' if cfg.lora.enabled else ''}{', quantized' if quantized else ''}")
-    trainer_cls = _length_grouped(RewardTrainer) if cfg.group_by_length else RewardTrainer
+    trainer_cls = RewardTrainer
+    if cfg.group_by_length or cfg.prompts_per_batch:
+        step_pairs = per_device * accum * world_size
+        trainer_cls = _batching(RewardTrainer, by_length=cfg.group_by_length, groups=groups,
+                                per_group=max(1, step_pairs // cfg.prompts_per_batch) if cfg.prompts_per_batch else 0)
+    collator = SharedResponseCollator(tokenizer.pad_token_id) if cfg.prompts_per_batch else None
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                          data_collator=collator,
                           callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -433,10 +447,28 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     megabatches together. Unlike transformers' ``LengthGroupedSampler`` (which
     keeps each megabatch's batches in order, longest first), no run of steps
     sweeps from long to short pairs.
+
+    With ``groups`` (a key per row, e.g. its prompt) and ``per_group`` > 0, the
+    units shuffled and sorted are runs of up to ``per_group`` rows of one group
+    (each group's rows shuffled, then cut), so a batch holds few groups and the
+    responses they share are scored once (:class:`SharedResponseCollator`).
+    ``by_length=False`` keeps the shuffled order (no sorting).
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, mega: int = 50, seed: int = 0) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, mega: int = 50, seed: int = 0, *,
+                 groups: list[Any] | None = None, per_group: int = 0, by_length: bool = True) -> None:
         self.lengths, self.batch_size, self.mega, self.seed, self.epoch = lengths, batch_size, mega, seed, 0
+        self.per_group, self.by_length = per_group, by_length
+        self.members: list[list[int]] = []
+        if groups is not None and per_group > 0:
+            if len(groups) != len(lengths):
+                raise ValueError(f"{len(groups)} group keys for {len(lengths)} rows")
+            first: dict[Any, int] = {}
+            for i, key in enumerate(groups):
+                if key not in first:
+                    first[key] = len(self.members)
+                    self.members.append([])
+                self.members[first[key]].append(i)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -444,14 +476,30 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _units(self, g: torch.Generator) -> list[list[int]]:
+        if not self.members:
+            return [[i] for i in torch.randperm(len(self.lengths), generator=g).tolist()]
+        units = []
+        for rows in self.members:
+            rows = [rows[j] for j in torch.randperm(len(rows), generator=g).tolist()]
+            units += [rows[j:j + self.per_group] for j in range(0, len(rows), self.per_group)]
+        return [units[j] for j in torch.randperm(len(units), generator=g).tolist()]
+
     def __iter__(self):  # noqa: ANN204
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        units = self._units(g)
         size = self.mega * self.batch_size
-        batches = []
-        for i in range(0, len(order), size):
-            mb = sorted(order[i:i + size], key=self.lengths.__getitem__)
-            batches += [mb[j:j + self.batch_size] for j in range(0, len(mb), self.batch_size)]
+        batches, i = [], 0
+        while i < len(units):
+            mb, n = [], 0
+            while i < len(units) and n < size:
+                mb.append(units[i])
+                n += len(units[i])
+                i += 1
+            if self.by_length:
+                mb.sort(key=lambda unit: max(self.lengths[j] for j in unit))
+            flat = [j for unit in mb for j in unit]
+            batches += [flat[j:j + self.batch_size] for j in range(0, len(flat), self.batch_size)]
         for b in torch.randperm(len(batches), generator=g).tolist():
             yield from batches[b]
 
@@ -465,16 +513,93 @@ def _pair_lengths(ds: datasets.Dataset) -> list[int]:
                                pc.list_value_length(table["rejected_ids"])).to_pylist()
 
 
-def _length_grouped(trainer_cls: type) -> type:
-    """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler`.
+def _length_splits(lengths: list[int], overhead: int, most: int = 4) -> list[int]:
+    """Cut points splitting ascending ``lengths`` into at most ``most`` runs, each padded to its own longest.
+
+    Minimises padded tokens plus ``overhead`` tokens per run (the fixed cost of a forward pass); returns the
+    end of each run.
+    """
+    n = len(lengths)
+    best = {(0, 0): (0, [])}  # (rows covered, runs used) -> (cost, ends)
+    for k in range(1, most + 1):
+        for end in range(1, n + 1):
+            options = [(cost + (end - start) * lengths[end - 1] + overhead, ends + [end])
+                       for start in range(end) if (start, k - 1) in best
+                       for cost, ends in [best[(start, k - 1)]]]
+            if options:
+                best[(end, k)] = min(options)
+    return min(best[(n, k)] for k in range(1, most + 1) if (n, k) in best)[1]
+
+
+@dataclass
+class SharedResponseCollator:
+    """TRL's preference batch with each distinct sequence once, and ``pair_rows`` to rebuild the pairs.
+
+    ``input_ids``/``attention_mask`` hold the distinct (prompt + response) sequences of the
+    batch, shortest first; ``pair_rows`` indexes them as TRL's ``DataCollatorForPreference``
+    lays a batch out: every pair's chosen sequence, then every pair's rejected one. A prompt
+    with many comparisons of a few responses (TinyWorld: 32 of 4) then costs a forward pass
+    per response, not two per comparison; the loss is the same. ``length_splits`` cuts the
+    sequences into runs of similar length that :class:`_PairRows` runs separately, each
+    padded to its own longest (a batch of a few prompts mixes short and long responses).
+    """
+
+    pad_token_id: int
+    split_overhead: int = 256
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from trl.trainer.utils import pad
+
+        index: dict[tuple[int, ...], int] = {}
+        rows = [index.setdefault(tuple(ex[key]), len(index)) for key in ("chosen_ids", "rejected_ids")
+                for ex in examples]
+        distinct = list(index)
+        order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+        rank = {i: r for r, i in enumerate(order)}
+        seqs = [torch.tensor(distinct[i]) for i in order]
+        out = {"input_ids": pad(seqs, padding_value=self.pad_token_id, padding_side="right"),
+               "attention_mask": pad([torch.ones_like(s) for s in seqs], padding_value=0, padding_side="right"),
+               "pair_rows": torch.tensor([rank[i] for i in rows]),
+               "length_splits": torch.tensor(_length_splits([len(s) for s in seqs], self.split_overhead))}
+        if "margin" in examples[0]:
+            out["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
+        return out
+
+
+class _PairRows:
+    """The model called on a batch's distinct sequences (run by run, each trimmed to its longest), its
+    logits spread back to one row per pair side."""
+
+    def __init__(self, model, rows: torch.Tensor, splits: torch.Tensor | None) -> None:  # noqa: ANN001
+        self.model, self.rows, self.splits = model, rows, splits
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
+        ends = self.splits.tolist() if self.splits is not None else [len(input_ids)]
+        outs, start = [], 0
+        for end in ends:
+            width = int(attention_mask[start:end].sum(1).max())
+            outs.append(self.model(input_ids=input_ids[start:end, :width],
+                                   attention_mask=attention_mask[start:end, :width], **kw))
+            start = end
+        out = outs[0]
+        out.logits = torch.cat([o.logits for o in outs])[self.rows]
+        return out
+
+
+def _batching(trainer_cls: type, *, by_length: bool, groups: list[Any] | None = None,
+              per_group: int = 0) -> type:
+    """``trainer_cls`` drawing its batches from a :class:`LengthBucketSampler`.
 
     transformers' ``group_by_length`` reads lengths from an ``input_ids`` column (or a
     ``length`` column that the trainer drops before building the sampler); a pair has
     ``chosen_ids`` and ``rejected_ids``, and the collator pads both to the longer, so
-    the length of a pair is the longer of the two.
+    the length of a pair is the longer of the two. ``groups``/``per_group`` batch
+    runs of one prompt's pairs together; a batch from :class:`SharedResponseCollator`
+    is scored once per distinct sequence and TRL's loss and metrics then read the
+    pairs as usual.
     """
 
-    class LengthGroupedTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+    class BatchingTrainer(trainer_cls):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
             ds = train_dataset if train_dataset is not None else self.train_dataset
             lengths = _pair_lengths(ds)
@@ -482,9 +607,22 @@ def _length_grouped(trainer_cls: type) -> type:
             # the processes in turn, so every process draws the same order (same seed) and takes its share.
             step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             return LengthBucketSampler(lengths, step,
-                                       seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+                                       seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                                       groups=groups, per_group=per_group, by_length=by_length)
 
-    return LengthGroupedTrainer
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+            rows, splits = inputs.pop("pair_rows", None), inputs.pop("length_splits", None)
+            if rows is not None:
+                model = _PairRows(model, rows, splits)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return BatchingTrainer
+
+
+def _length_grouped(trainer_cls: type) -> type:
+    """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler` (pairs of similar length)."""
+    return _batching(trainer_cls, by_length=True)
 
 
 def _load_rm(path: str, dtype: str, trust_remote_code: bool, quant) -> Any:  # noqa: ANN001

@@ -45,6 +45,10 @@ declare -A RUNS=(
   [ablation-no-refresh-before-ppo]="--set reward.refresh_before_ppo=false"
   [ablation-no-refresh-before-ppo-seed1]="--set reward.refresh_before_ppo=false --set seed=1"
   [ablation-no-refresh-before-ppo-seed2]="--set reward.refresh_before_ppo=false --set seed=2"
+  [ablation-rm-prompts-per-batch4]="--set reward.helpful.prompts_per_batch=4 --set reward.safety.prompts_per_batch=4"
+  [ablation-rm-prompts-per-batch4-seed1]="--set reward.helpful.prompts_per_batch=4 --set reward.safety.prompts_per_batch=4 --set seed=1"
+  [ablation-rm-prompts-per-batch8-b64]="--set reward.helpful.prompts_per_batch=8 --set reward.helpful.batch_size=64 --set reward.helpful.per_device_batch_size=64 --set reward.safety.prompts_per_batch=8 --set reward.safety.batch_size=64 --set reward.safety.per_device_batch_size=64"
+  [ablation-rm-prompts-per-batch8-b64-seed1]="--set reward.helpful.prompts_per_batch=8 --set reward.helpful.batch_size=64 --set reward.helpful.per_device_batch_size=64 --set reward.safety.prompts_per_batch=8 --set reward.safety.batch_size=64 --set reward.safety.per_device_batch_size=64 --set seed=1"
   [ablation-sft-init-previous]="--set sft.init=previous"
   [ablation-sft-init-previous-e2]="--set sft.init=previous --set sft.epochs=2"
   [ablation-sft-init-previous-e2-seed1]="--set sft.init=previous --set sft.epochs=2 --set seed=1"
@@ -112,6 +116,8 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-margin-none ablation-margin-large ablation-sft-safety-weight3 ablation-sft-safety-weight3-seed1
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
        ablation-no-refresh-before-ppo ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2
+       ablation-rm-prompts-per-batch4 ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64
+       ablation-rm-prompts-per-batch8-b64-seed1
        ablation-rs-top2 ablation-rs-top2-seed1 ablation-policy-h144
        ablation-sft-init-previous ablation-sft-init-previous-e2 ablation-sft-init-previous-e2-seed1
        ablation-sft-init-previous-e2-seed2 ablation-sft-init-previous-e2-holdout-ppo ablation-holdout-ppo

@@ -271,3 +271,80 @@ def test_length_bucket_sampler_is_seeded_per_epoch_and_keeps_batches_tight():
     assert sum(spread) / len(spread) < 30  # sorted neighbours in megabatches of 50 (random batches of 10: ~80)
     starts = [lengths[first[j]] for j in range(0, 1000, 10)]
     assert starts != sorted(starts) and starts != sorted(starts, reverse=True)  # batches in random order
+
+
+def test_shared_response_batches_give_trl_loss_and_gradients_on_fewer_sequences(tiny, tmp_path):
+    """``reward.<kind>.prompts_per_batch``: each distinct sequence is scored once, and TRL's loss, metrics and
+    gradients are those of TRL's own batch of the same pairs."""
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from iterative_rlhf.reward import SharedResponseCollator, _batching, _tokenize_pairs
+
+    _, model, tok = tiny
+    responses = ["5", "I cannot help with that.", "Rome is a city", "cold cold cold cold cold cold cold cold"]
+    rows = [{"prompt": "What is 2 plus 3?", "chosen": responses[i % 4], "rejected": responses[(i * 3 + 1) % 4],
+             "margin": (i % 4) / 3, "level": "better", "source": "t", "is_safety": False} for i in range(12)]
+    rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    pairs = _tokenize_pairs(datasets.Dataset.from_list(rows), tok, 128, "helpful")
+    examples = list(pairs)
+    shared = SharedResponseCollator(tok.pad_token_id)(examples)
+    plain = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(examples)
+    assert len(shared["input_ids"]) == 4 < len(plain["input_ids"]) == 2 * len(examples)
+    lengths = shared["attention_mask"].sum(1).tolist()
+    assert lengths == sorted(lengths) and shared["length_splits"].tolist()[-1] == 4
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", per_device_train_batch_size=4,
+                        bf16=False, max_length=128, disable_tqdm=True, dataloader_pin_memory=False, use_cpu=True)
+    trainer = _batching(RewardTrainer, by_length=False)(model=model, args=args, train_dataset=pairs,
+                                                         processing_class=tok)
+    model.train()
+    grads = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+        if batch is plain:
+            plain_loss, plain_metrics = loss.detach(), metrics
+    torch.testing.assert_close(loss.detach(), plain_loss)
+    assert metrics == pytest.approx(plain_metrics, rel=1e-5, abs=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_length_splits_minimise_padding_plus_overhead():
+    import itertools
+
+    from iterative_rlhf.reward import _length_splits
+
+    def cost(lengths, ends, overhead):
+        starts = [0] + ends[:-1]
+        return sum((e - s) * lengths[e - 1] + overhead for s, e in zip(starts, ends, strict=True))
+
+    for lengths, overhead in (([3, 3, 4, 10, 11, 30, 31, 32], 5), ([5] * 6, 5), ([1, 2, 40], 0), ([7], 100)):
+        ends = _length_splits(lengths, overhead, most=3)
+        assert ends[-1] == len(lengths) and ends == sorted(set(ends))
+        n = len(lengths)
+        best = min(cost(lengths, list(c) + [n], overhead) for k in range(3)
+                   for c in itertools.combinations(range(1, n), k))
+        assert cost(lengths, ends, overhead) == best
+    assert _length_splits([5] * 6, 5) == [6]  # equal lengths: one forward pass
+
+
+def test_prompt_grouped_sampler_keeps_each_prompts_pairs_together():
+    from iterative_rlhf.reward import LengthBucketSampler
+
+    groups = [f"p{(i * 7) % 23}" for i in range(460)]  # 23 prompts, 20 pairs each, interleaved
+    lengths = [(i * 13) % 17 for i in range(460)]
+    s = LengthBucketSampler(lengths, batch_size=16, mega=4, seed=1, groups=groups, per_group=4)
+    first = list(s)
+    assert sorted(first) == list(range(460)) and list(s) == first
+    s.set_epoch(1)
+    assert sorted(list(s)) == list(range(460)) and list(s) != first
+    prompts = [len({groups[i] for i in first[j:j + 16]}) for j in range(0, 460, 16)]
+    assert sum(prompts) / len(prompts) <= 5, prompts  # 4 runs of 4 (a run may straddle two batches)
+    plain = LengthBucketSampler(lengths, batch_size=16, mega=4, seed=1)
+    spread = [len({groups[i] for i in list(plain)[j:j + 16]}) for j in range(0, 460, 16)]
+    assert sum(spread) / len(spread) > 8
+    assert list(LengthBucketSampler(lengths, 16, 4, 1, groups=groups)) == list(plain)  # per_group 0: off
