@@ -441,6 +441,11 @@ def _validate(recipe: Recipe) -> Recipe:
         if (sec.quant.load_in_4bit or sec.quant.load_in_8bit) and not sec.lora.enabled:
             raise ConfigError(f"{name}.quant: quantised weights cannot be trained directly; "
                               f"set {name}.lora.enabled=true (QLoRA)")
+    for kind in ("helpful", "safety"):
+        rm = getattr(recipe.reward, kind)
+        if rm.prompts_per_batch > rm.batch_size:
+            raise ConfigError(f"reward.{kind}.prompts_per_batch: {rm.prompts_per_batch} prompts cannot share a "
+                              f"step of reward.{kind}.batch_size={rm.batch_size} pairs; lower it (0 = off)")
     if recipe.ppo.mini_batch_size > recipe.ppo.batch_size:
         raise ConfigError("ppo.mini_batch_size: larger than ppo.batch_size")
     if recipe.ppo.batch_size % recipe.ppo.mini_batch_size:

@@ -425,6 +425,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
         "last_accuracy": steps[-1].get("accuracy") if steps else None,
         "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params, "processes": world_size,
+        "prompts_per_batch": cfg.prompts_per_batch,
     }
     final = trainer.model
     if quantized:

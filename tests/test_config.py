@@ -67,6 +67,8 @@ def test_overrides():
     ("reward.refresh_data=annotations/v{round}.jsonl", "needs both {round} and {kind}"),
     ("campaign.deploy_temperature=0", "campaign.deploy_temperature: 0.0 must be greater than 0.0"),
     ("campaign.deploy_temperature=hot", "campaign.deploy_temperature: expected a number"),
+    ("reward.safety.prompts_per_batch=64", "reward.safety.prompts_per_batch: 64 prompts cannot share a step"),
+    ("reward.helpful.prompts_per_batch=-1", "reward.helpful.prompts_per_batch: -1 is below the minimum 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:

@@ -65,22 +65,34 @@ def read_jsonl(path: Path) -> list[dict]:
 RM_SETTINGS = ["reward.helpful.batch_size=16", "reward.helpful.per_device_batch_size=8", "reward.helpful.epochs=0.1"]
 
 
-@pytest.fixture(scope="module")
-def rm_runs(world, world_config, tmp_path_factory):
-    """The helpfulness RM trained by ``iterative-rlhf rm train`` in one process and in two (16 pairs per step)."""
-    root = tmp_path_factory.mktemp("rm_runs")
-    argv = ["rm", "train", "--kind", "helpful", *sets(world_overrides(world_config) + RM_SETTINGS)]
+def _rm_runs(root: Path, world_config, prompts_per_batch: int) -> tuple[Path, Path]:  # noqa: ANN001
+    settings = [*RM_SETTINGS, f"reward.helpful.prompts_per_batch={prompts_per_batch}"]
+    argv = ["rm", "train", "--kind", "helpful", *sets(world_overrides(world_config) + settings)]
     for n in (1, 2):
         run_cli([*argv, "--out", str(root / f"p{n}")], processes=n)
     return root / "p1", root / "p2"
 
 
+@pytest.fixture(scope="module")
+def rm_runs(world, world_config, tmp_path_factory):
+    """The helpfulness RM trained by ``iterative-rlhf rm train`` in one process and in two (16 pairs per step)."""
+    return _rm_runs(tmp_path_factory.mktemp("rm_runs"), world_config, 0)
+
+
+@pytest.fixture(scope="module")
+def rm_runs_shared(world, world_config, tmp_path_factory):
+    """The same with 8 pairs of each of 2 prompts per step, each distinct response scored once."""
+    return _rm_runs(tmp_path_factory.mktemp("rm_runs_shared"), world_config, 2)
+
+
 @pytest.mark.slow
-def test_reward_model_training_in_two_processes_matches_one_process(rm_runs):
-    one, two = rm_runs
+@pytest.mark.parametrize("runs", ["rm_runs", "rm_runs_shared"])
+def test_reward_model_training_in_two_processes_matches_one_process(runs, request):
+    one, two = request.getfixturevalue(runs)
     s1 = json.loads((one / "train_summary.json").read_text())
     s2 = json.loads((two / "train_summary.json").read_text())
     assert (s1["processes"], s2["processes"]) == (1, 2)
+    assert s1["prompts_per_batch"] == s2["prompts_per_batch"] == (2 if runs == "rm_runs_shared" else 0)
     assert s1["batch_size"] == s2["batch_size"] == 16 and s1["steps"] == s2["steps"] >= 5
     l1 = [r["loss"] for r in read_jsonl(one / "train_log.jsonl") if "loss" in r]
     l2 = [r["loss"] for r in read_jsonl(two / "train_log.jsonl") if "loss" in r]
