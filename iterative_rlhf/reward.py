@@ -523,13 +523,11 @@ def _length_splits(lengths: list[int], overhead: int, most: int = 4) -> list[int
     n = len(lengths)
     best = {(0, 0): (0, [])}  # (rows covered, runs used) -> (cost, ends)
     for k in range(1, most + 1):
-        for end in range(1, n + 1):
-            options = [(cost + (end - start) * lengths[end - 1] + overhead, ends + [end])
-                       for start in range(end) if (start, k - 1) in best
-                       for cost, ends in [best[(start, k - 1)]]]
-            if options:
-                best[(end, k)] = min(options)
-    return min(best[(n, k)] for k in range(1, most + 1) if (n, k) in best)[1]
+        for end in range(k, n + 1):  # k runs cover at least k rows; the first run starts at row 0
+            best[(end, k)] = min((best[(start, k - 1)][0] + (end - start) * lengths[end - 1] + overhead,
+                                  best[(start, k - 1)][1] + [end])
+                                 for start in (range(k - 1, end) if k > 1 else (0,)))
+    return min(best[(n, k)] for k in range(1, min(most, n) + 1))[1]
 
 
 @dataclass

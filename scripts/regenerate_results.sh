@@ -157,11 +157,32 @@ for name in "${names[@]}"; do
   if [ "$name" = tinyworld-rs+ppo ]; then scripts/ppo_gain.sh "runs/$name"; fi  # RS vs PPO gold per round
 done
 # Every committed campaign side by side (results/compare), the last policies at 128 samples per eval prompt
-# (results/precise-eval, and at temperature 0.7 in t0.7/: the named ones re-measured, each README from all), and
-# the gold table of results/README.md.
+# (results/precise-eval, and at temperature 0.7 in t0.7/: the named ones re-measured, each README from all; at
+# 0.6 every round in t0.6/, and the default at 0.5-0.9 for precise-eval/temperature/), and the gold table of
+# results/README.md.
 set +f
 "$BIN"/iterative-rlhf compare results/tinyworld-rs+ppo results/default-seed* results/ablation-* results/previous-default* \
   --out results/compare
 "$BIN"/python scripts/precise_eval.py "$@"  # the named campaigns (all by default); README from every JSON
 "$BIN"/python scripts/precise_eval.py --temperature 0.7 "$@"  # the same at 0.7 (results/precise-eval/t0.7)
+# As deployed (0.6, every round) and the default's temperature curve, for the campaigns measured there.
+DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-no-refresh-before-ppo
+          ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2 ablation-rm-prompts-per-batch4
+          ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64 ablation-rm-prompts-per-batch8-b64-seed1)
+DEFAULT5=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4)
+pick() {  # those of "$@" that this run regenerated
+  local n
+  for n in "$@"; do
+    if [[ " ${names[*]} " == *" $n "* ]]; then echo "$n"; fi
+  done
+}
+mapfile -t deployed < <(pick "${DEPLOYED[@]}")
+mapfile -t default5 < <(pick "${DEFAULT5[@]}")
+if [ ${#deployed[@]} -gt 0 ]; then
+  "$BIN"/python scripts/precise_eval.py --temperature 0.6 --rounds "${deployed[@]}"
+fi
+if [ ${#default5[@]} -gt 0 ]; then
+  for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${default5[@]}"; done
+  "$BIN"/python scripts/temperature_curve.py  # results/precise-eval/temperature
+fi
 "$BIN"/python scripts/results_table.py

@@ -32,7 +32,7 @@ GOALS = (("gold", "gold", 0.90, "min"), ("violation_rate", "violations", 0.01, "
 
 def measured(names: tuple[str, ...]) -> dict[float, list[dict]]:
     """Temperature -> the group's rows, for each temperature at which every campaign of the group was measured."""
-    dirs = {1.0: OUT, **{float(d.name[1:]): d for d in OUT.glob("t*") if d.is_dir() and d.name[1:] != "emperature"}}
+    dirs = {1.0: OUT, **{float(d.name[1:]): d for d in OUT.glob("t[0-9]*") if d.is_dir()}}
     out = {}
     for t, d in sorted(dirs.items()):
         files = [d / f"{n}.json" for n in names]
