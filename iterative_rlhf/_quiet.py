@@ -94,6 +94,18 @@ def training_threads() -> int:
     return max(1, min(2, cores))
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 matrix products natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (where a small RM's training step under bf16 autocast ran 1.5x faster than in float32;
+    elsewhere the CPU emulates bf16 and is slower)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 @contextmanager
 def small_model_threads(model, device=None, threads: int = 1) -> Iterator[None]:  # noqa: ANN001
     """``threads`` torch threads (default one) while a small model runs on CPU (unless OMP_NUM_THREADS is set).

@@ -43,7 +43,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from ._quiet import training_threads
+from ._quiet import native_bf16, training_threads
 from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, save_checkpoint
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
@@ -336,6 +336,13 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     tokenizer = load_tokenizer(init, trust_remote_code=recipe.model.trust_remote_code)
     model = _load_rm(init, dtype, recipe.model.trust_remote_code, cfg.quant if quantized else None)
     model.config.pad_token_id = tokenizer.pad_token_id
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and native_bf16())
+    if bf16 and not torch.cuda.is_available() and hasattr(model, "set_attn_implementation"):
+        # On the CPU, SDPA's backward in bfloat16 took 6x its float32 time; plain attention does not
+        # (bench/rm_precision.py).
+        model.set_attn_implementation("eager")
+    if bf16 and not quantized:
+        _float32_head(model)
     model = apply_lora(model, cfg.lora, "SEQ_CLS", quantized=bool(quantized))
 
     train = _tokenize_pairs(train_ds, tokenizer, cfg.max_length, kind,
@@ -374,7 +381,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         # QLoRA: TRL casts the trainable weights (adapters, score head) of a quantised model to bfloat16, so the
         # forward pass needs bf16 autocast, on the CPU too, or the float32 hidden states meet a bf16 head.
-        bf16=(dtype == "bfloat16" and torch.cuda.is_available()) or bool(quantized),
+        bf16=(dtype == "bfloat16" and torch.cuda.is_available()) or bool(quantized) or bf16,
         use_cpu=not torch.cuda.is_available(),
         # Several CPU processes (`accelerate launch` / torchrun without GPUs) talk over gloo; GPUs use nccl.
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
@@ -392,7 +399,8 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     log(f"{kind} RM: {len(train)} pairs, margin '{cfg.margin}', {total_steps} steps of "
         f"{per_device * accum * world_size} pairs (per device {per_device} x accumulation {accum}), "
         f"lr {cfg.learning_rate:g}, warm-up {warmup}, "
-        f"init {init}{', LoRA' if cfg.lora.enabled else ''}{', quantized' if quantized else ''}")
+        f"init {init}{', LoRA' if cfg.lora.enabled else ''}{', quantized' if quantized else ''}"
+        f"{', bf16 autocast' if bf16 else ''}")
     trainer_cls = RewardTrainer
     if cfg.group_by_length or cfg.prompts_per_batch:
         step_pairs = per_device * accum * world_size
@@ -425,7 +433,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
         "last_accuracy": steps[-1].get("accuracy") if steps else None,
         "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params, "processes": world_size,
-        "prompts_per_batch": cfg.prompts_per_batch,
+        "prompts_per_batch": cfg.prompts_per_batch, "mixed_precision": "bf16" if bf16 else "none",
     }
     final = trainer.model
     if quantized:
@@ -622,6 +630,24 @@ def _batching(trainer_cls: type, *, by_length: bool, groups: list[Any] | None = 
 def _length_grouped(trainer_cls: type) -> type:
     """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler` (pairs of similar length)."""
     return _batching(trainer_cls, by_length=True)
+
+
+def _float32_head(model) -> None:  # noqa: ANN001
+    """Run the scalar head (``score``, or ``classifier``) outside autocast, in float32.
+
+    Under bf16 autocast the head's output, the reward itself, would be rounded to 8 bits of mantissa (steps
+    of ~0.008 at a reward of 2), and the ranking loss reads the small differences of two such rewards. The
+    head is one ``hidden -> 1`` product: float32 costs nothing. Its weights and saved names stay as they are.
+    """
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        return
+    plain = head.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return plain(x.float())
+    head.forward = forward
 
 
 def _load_rm(path: str, dtype: str, trust_remote_code: bool, quant) -> Any:  # noqa: ANN001

@@ -189,6 +189,62 @@ def test_without_test_data_a_share_of_the_prompts_is_held_out_of_training(tmp_pa
 
 
 @pytest.mark.slow
+def test_bf16_autocast_trains_float32_weights_that_load_as_usual(tiny, tmp_path, monkeypatch):
+    """mixed_precision=bf16 changes the arithmetic (other weights than float32's), not the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    import iterative_rlhf.reward as reward
+    from iterative_rlhf.reward import train_reward_model
+
+    path, _, _ = tiny
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "level": lv, "margin": m, "source": "t", "is_safety": False}
+            for p, c, r, lv, m in PAIRS] * 2
+    settings = ["reward.helpful.batch_size=4", "reward.helpful.per_device_batch_size=4",
+                "reward.helpful.learning_rate=0.01", "reward.helpful.epochs=1"]
+    weights = {}
+    for precision in ("bf16", "none"):
+        recipe = load_recipe(None, overrides=[*settings, f"reward.helpful.mixed_precision={precision}"])
+        out = train_reward_model(recipe, "helpful", tmp_path / precision, init_path=path,
+                                 train_ds=datasets.Dataset.from_list(rows))
+        assert json.loads((out / "train_summary.json").read_text())["mixed_precision"] == precision
+        config = json.loads((out / "config.json").read_text())
+        assert config.get("_attn_implementation", "sdpa") != "eager" and "attn_implementation" not in config
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+        weights[precision] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in weights[precision].values())
+    moved = [n for n in weights["none"] if not torch.equal(weights["none"][n], weights["bf16"][n])]
+    assert moved, "bf16 autocast left the arithmetic unchanged"
+    assert all(torch.allclose(weights["none"][n], weights["bf16"][n], atol=0.05) for n in weights["none"])
+    # auto: bf16 only where the hardware computes it natively.
+    monkeypatch.setattr(reward, "native_bf16", lambda: False)
+    recipe = load_recipe(None, overrides=[*settings, "reward.helpful.mixed_precision=auto"])
+    out = train_reward_model(recipe, "helpful", tmp_path / "auto", init_path=path,
+                             train_ds=datasets.Dataset.from_list(rows))
+    assert json.loads((out / "train_summary.json").read_text())["mixed_precision"] == "none"
+
+
+def test_float32_head_keeps_the_reward_out_of_bf16(tiny):
+    """Under bf16 autocast the reward leaves the head in float32 (not rounded to 8 bits); names unchanged."""
+    import copy
+
+    from iterative_rlhf.reward import _float32_head
+
+    _, model, tok = tiny
+    model = copy.deepcopy(model)
+    ids = tok(["What is 2 plus 3? 5", "Say the opposite of hot. cold"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        exact = model(**ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model(**ids).logits
+        keys = list(model.state_dict())
+        _float32_head(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = model(**ids).logits
+    assert rounded.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    assert list(model.state_dict()) == keys
+    assert torch.allclose(kept, exact, atol=0.1)
+
+
 def test_both_rms_learn_on_tinyworld(world, tmp_path):
     """Train both RMs on the test world; accuracy falls with the preference level, loss goes down, HF loads them."""
     from transformers import AutoModelForSequenceClassification
