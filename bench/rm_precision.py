@@ -1,8 +1,9 @@
 """Reward-model training in float32 vs bfloat16 autocast (``reward.<kind>.mixed_precision``), side by side.
 
 Trains the default TinyWorld helpfulness RM on its first ``--pairs`` train comparisons (one epoch, about half
-a campaign refresh) on one torch thread, in a fresh process per run, the settings interleaved ``--repeats``
-times (A B C A B C ...) so that a slow spell of a shared machine hits them all. Prints each setting's median
+a campaign refresh) on one torch thread (two in the last two settings, idle threads sleeping as the CLI
+sets them), in a fresh process per run, the settings interleaved ``--repeats``
+times (A B C ... A B C ...) so that a slow spell of a shared machine hits them all. Prints each setting's median
 seconds, its ratio to float32, and the trained RM's accuracy on the world's held-out helpfulness comparisons
 (all levels, and the clearest level), so speed and quality read in one table; ``--out`` also writes JSON.
 
@@ -25,10 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {  # name: (reward.helpful.mixed_precision, keep SDPA attention)
-    "float32": ("none", False),
-    "bf16, SDPA attention": ("bf16", True),
-    "bf16, eager attention": ("bf16", False),
+SETTINGS = {  # name: (reward.helpful.mixed_precision, keep SDPA attention, torch threads)
+    "float32": ("none", False, 1),
+    "bf16, SDPA attention": ("bf16", True, 1),
+    "bf16, eager attention": ("bf16", False, 1),
+    "float32, 2 threads": ("none", False, 2),
+    "bf16 eager, 2 threads": ("bf16", False, 2),
 }
 
 
@@ -58,8 +61,10 @@ def worker(out: str, pairs: int, precision: str, keep_sdpa: bool) -> None:
     print(json.dumps({"seconds": secs, "accuracy": acc}))
 
 
-def launch(out: Path, pairs: int, precision: str, keep_sdpa: bool) -> dict:
-    env = {**os.environ, "ITERATIVE_RLHF_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def launch(out: Path, pairs: int, precision: str, keep_sdpa: bool, threads: int = 1) -> dict:
+    # Idle OpenMP threads sleep, as the CLI sets it (bench/README.md, "Threads").
+    env = {**os.environ, "ITERATIVE_RLHF_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, __file__, "--worker", str(out), "--pairs", str(pairs), "--precision", precision]
     if keep_sdpa:
@@ -76,6 +81,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=6400, help="comparisons to train on (one epoch)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved")
     ap.add_argument("--out", default="", help="also write the figures as JSON here")
+    ap.add_argument("--skip", nargs="*", default=[], help="settings to leave out (names as printed)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--keep-sdpa", action="store_true", help=argparse.SUPPRESS)
@@ -88,17 +94,20 @@ def main() -> None:
         work = Path(tmp)
         launch(work / "warm", 64, "none", False)  # builds or finds the world first
         for r in range(a.repeats):
-            for i, (name, (precision, keep_sdpa)) in enumerate(SETTINGS.items()):
-                runs[name].append(launch(work / f"{i}-{r}", a.pairs, precision, keep_sdpa))
+            for i, (name, (precision, keep_sdpa, threads)) in enumerate(SETTINGS.items()):
+                if name not in a.skip:
+                    runs[name].append(launch(work / f"{i}-{r}", a.pairs, precision, keep_sdpa, threads))
     rows = []
-    for name, (precision, keep_sdpa) in SETTINGS.items():
+    for name, (precision, keep_sdpa, threads) in SETTINGS.items():
+        if name in a.skip:
+            continue
         acc = runs[name][-1]["accuracy"]  # the same weights every repeat (seeded): the last one's
-        rows.append({"setting": name, "mixed_precision": precision, "sdpa": keep_sdpa,
+        rows.append({"setting": name, "mixed_precision": precision, "sdpa": keep_sdpa, "threads": threads,
                      "seconds": [round(x["seconds"], 2) for x in runs[name]],
                      "median_s": round(statistics.median(x["seconds"] for x in runs[name]), 2),
                      "accuracy": round(acc["avg"], 4), "accuracy_clearest": round(acc["significantly_better"], 4)})
     base = rows[0]["median_s"]
-    print(f"helpful RM, {a.pairs} pairs, one epoch, 1 thread, median of {a.repeats}")
+    print(f"helpful RM, {a.pairs} pairs, one epoch, median of {a.repeats}")
     print(f"{'setting':24} {'s':>7} {'vs float32':>11} {'test acc':>9} {'clearest':>9}")
     for r in rows:
         r["speedup"] = round(base / r["median_s"], 2)

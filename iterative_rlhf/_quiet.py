@@ -72,7 +72,7 @@ def quiet_libraries() -> None:
 SMALL_MODEL_PARAMS = 20_000_000
 
 
-def training_threads() -> int:
+def training_threads(bf16: bool = False) -> int:
     """Torch threads for a small reward model's training steps on CPU: 2 where it pays, else 1.
 
     A reward-model step (64 sequences) is big enough for 2 threads: 1.2x faster than 1 on an idle 2-core
@@ -80,11 +80,15 @@ def training_threads() -> int:
     long as idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which :func:`cpu_threads` sets). With
     spin-waiting threads it was 14x slower than 1 under contention, so without that policy it stays 1
     (``bench/rm_threads.py``).
+    Under bf16 autocast (``reward.<kind>.mixed_precision=bf16``) it is 1: the bf16 step's smaller products
+    do not pay for a second thread (1.52x float32's speed on 1 thread, 1.25x on 2: ``bench/rm_precision.py``).
     ``ITERATIVE_RLHF_THREADS`` overrides it.
     """
     threads = _env_threads()
     if threads:
         return threads
+    if bf16:
+        return 1
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         return 1
     try:
@@ -92,6 +96,22 @@ def training_threads() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, min(2, cores))
+
+
+def reset_mixed_precision() -> None:
+    """Forget a trainer's mixed precision once its stage is over.
+
+    accelerate keeps it in a process-wide ``AcceleratorState``: after an RM trained under bf16 autocast, a plain
+    ``Accelerator()`` later in the same process (PPO's) inherited ``bf16`` and ran the policy's and the value
+    model's forward passes under autocast too (slower on a CPU, and not what ``ppo.mixed_precision`` said).
+    The process group (``PartialState``) stays.
+    """
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != "no":
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def native_bf16() -> bool:

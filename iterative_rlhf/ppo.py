@@ -96,6 +96,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._quiet import reset_mixed_precision
 from .checkpoint import (
     DTYPES,
     apply_lora,
@@ -1051,6 +1052,7 @@ def run_ppo(recipe: Recipe, *, policy_path: str, helpful_rm: str, safety_rm: str
     cfg = recipe.ppo
     seed = recipe.seed if seed is None else seed
     out_dir = Path(out_dir)
+    reset_mixed_precision()  # PPO's own autocast (ppo.mixed_precision), never one left by an earlier trainer
     accelerator = Accelerator()
     main = accelerator.is_main_process
     world = accelerator.num_processes

@@ -43,7 +43,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from ._quiet import native_bf16, training_threads
+from ._quiet import native_bf16, reset_mixed_precision, training_threads
 from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, save_checkpoint
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
@@ -315,7 +315,10 @@ def train_reward_model(recipe: Recipe, kind: str, out_dir: str | Path, *, init_p
         NumericalError: the loss or gradient norm became NaN/inf (the step is named).
     """
     with quiet_progress_bars():
-        return _train(recipe, kind, Path(out_dir), init_path, train_ds)
+        try:
+            return _train(recipe, kind, Path(out_dir), init_path, train_ds)
+        finally:
+            reset_mixed_precision()  # or a later Accelerator() of this process (PPO's) would inherit bf16
 
 
 def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | None,
@@ -414,7 +417,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     trainer.remove_callback(ProgressCallback)
     t0 = time.perf_counter()
     try:
-        with small_model_threads(model, trainer.args.device, threads=training_threads()):
+        with small_model_threads(model, trainer.args.device, threads=training_threads(bf16)):
             trainer.train()
     finally:
         if report_to == ["none"] and trainer_dir.exists() and trainer.is_world_process_zero():

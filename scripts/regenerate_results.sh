@@ -17,6 +17,7 @@ NOG="$PP --set reward.helpful.group_by_length=false --set reward.safety.group_by
 # Other TinyWorlds: a noisy writer that is right more often and complies with fewer harmful requests.
 W50="--set tinyworld.writer_correct=0.50 --set tinyworld.harmful_comply=0.50"
 W56="--set tinyworld.writer_correct=0.56 --set tinyworld.harmful_comply=0.45"
+BF="--set reward.helpful.mixed_precision=bf16 --set reward.safety.mixed_precision=bf16"  # RM training under bf16 autocast
 S2="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3"
 S="$S2 --set campaign.holdout_from=ppo"
 declare -A RUNS=(
@@ -49,6 +50,8 @@ declare -A RUNS=(
   [ablation-rm-prompts-per-batch4-seed1]="--set reward.helpful.prompts_per_batch=4 --set reward.safety.prompts_per_batch=4 --set seed=1"
   [ablation-rm-prompts-per-batch8-b64]="--set reward.helpful.prompts_per_batch=8 --set reward.helpful.batch_size=64 --set reward.helpful.per_device_batch_size=64 --set reward.safety.prompts_per_batch=8 --set reward.safety.batch_size=64 --set reward.safety.per_device_batch_size=64"
   [ablation-rm-prompts-per-batch8-b64-seed1]="--set reward.helpful.prompts_per_batch=8 --set reward.helpful.batch_size=64 --set reward.helpful.per_device_batch_size=64 --set reward.safety.prompts_per_batch=8 --set reward.safety.batch_size=64 --set reward.safety.per_device_batch_size=64 --set seed=1"
+  [ablation-rm-bf16]="$BF"
+  [ablation-rm-bf16-seed1]="$BF --set seed=1"
   [ablation-sft-init-previous]="--set sft.init=previous"
   [ablation-sft-init-previous-e2]="--set sft.init=previous --set sft.epochs=2"
   [ablation-sft-init-previous-e2-seed1]="--set sft.init=previous --set sft.epochs=2 --set seed=1"
@@ -117,7 +120,7 @@ ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 
        ablation-sft-safety-weight3-seed2 ablation-ppo-safety-weight4 ablation-ppo-safety-weight4-seed1
        ablation-no-refresh-before-ppo ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2
        ablation-rm-prompts-per-batch4 ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64
-       ablation-rm-prompts-per-batch8-b64-seed1
+       ablation-rm-prompts-per-batch8-b64-seed1 ablation-rm-bf16 ablation-rm-bf16-seed1
        ablation-rs-top2 ablation-rs-top2-seed1 ablation-policy-h144
        ablation-sft-init-previous ablation-sft-init-previous-e2 ablation-sft-init-previous-e2-seed1
        ablation-sft-init-previous-e2-seed2 ablation-sft-init-previous-e2-holdout-ppo ablation-holdout-ppo
@@ -168,7 +171,8 @@ set +f
 # As deployed (0.6, every round) and the default's temperature curve, for the campaigns measured there.
 DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-no-refresh-before-ppo
           ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2 ablation-rm-prompts-per-batch4
-          ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64 ablation-rm-prompts-per-batch8-b64-seed1)
+          ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64 ablation-rm-prompts-per-batch8-b64-seed1
+          ablation-rm-bf16 ablation-rm-bf16-seed1)
 DEFAULT5=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4)
 pick() {  # those of "$@" that this run regenerated
   local n

@@ -102,8 +102,9 @@ def test_training_threads_follow_the_wait_policy_and_the_override(monkeypatch):
     assert training_threads() == 1  # spin-waiting threads: one thread only
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     assert 1 <= training_threads() <= 2
+    assert training_threads(bf16=True) == 1  # a second thread does not pay under bf16 autocast
     monkeypatch.setenv("ITERATIVE_RLHF_THREADS", "3")
-    assert training_threads() == 3
+    assert training_threads() == 3 and training_threads(bf16=True) == 3
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.name != "tinyworld.yaml"], ids=lambda p: p.name)

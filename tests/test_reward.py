@@ -215,6 +215,11 @@ def test_bf16_autocast_trains_float32_weights_that_load_as_usual(tiny, tmp_path,
     moved = [n for n in weights["none"] if not torch.equal(weights["none"][n], weights["bf16"][n])]
     assert moved, "bf16 autocast left the arithmetic unchanged"
     assert all(torch.allclose(weights["none"][n], weights["bf16"][n], atol=0.05) for n in weights["none"])
+    # accelerate's process-wide state does not keep the RM's bf16 for a later Accelerator() (PPO's).
+    from accelerate import Accelerator
+    recipe = load_recipe(None, overrides=[*settings, "reward.helpful.mixed_precision=bf16"])
+    train_reward_model(recipe, "helpful", tmp_path / "again", init_path=path, train_ds=datasets.Dataset.from_list(rows))
+    assert Accelerator().mixed_precision == "no"
     # auto: bf16 only where the hardware computes it natively.
     monkeypatch.setattr(reward, "native_bf16", lambda: False)
     recipe = load_recipe(None, overrides=[*settings, "reward.helpful.mixed_precision=auto"])
