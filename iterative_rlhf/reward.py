@@ -630,13 +630,9 @@ def _batching(trainer_cls: type, *, by_length: bool, groups: list[Any] | None = 
     return BatchingTrainer
 
 
-def _length_grouped(trainer_cls: type) -> type:
-    """``trainer_cls`` whose training sampler is a :class:`LengthBucketSampler` (pairs of similar length)."""
-    return _batching(trainer_cls, by_length=True)
-
-
 def _float32_head(model) -> None:  # noqa: ANN001
-    """Run the scalar head (``score``, or ``classifier``) outside autocast, in float32.
+    """Run the scalar head (``score``, or ``classifier``) outside autocast, in its weights' dtype (float32
+    unless the model was loaded in bfloat16).
 
     Under bf16 autocast the head's output, the reward itself, would be rounded to 8 bits of mantissa (steps
     of ~0.008 at a reward of 2), and the ranking loss reads the small differences of two such rewards. The
@@ -649,7 +645,7 @@ def _float32_head(model) -> None:  # noqa: ANN001
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return plain(x.float())
+            return plain(x.to(head.weight.dtype))
     head.forward = forward
 
 

@@ -248,6 +248,10 @@ def test_float32_head_keeps_the_reward_out_of_bf16(tiny):
     assert rounded.dtype == torch.bfloat16 and kept.dtype == torch.float32
     assert list(model.state_dict()) == keys
     assert torch.allclose(kept, exact, atol=0.1)
+    # A model loaded in bfloat16 (GPU recipes): the head runs in its own dtype instead of failing on a mismatch.
+    model = model.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(**ids).logits.float()).all()
 
 
 def test_both_rms_learn_on_tinyworld(world, tmp_path):
@@ -289,7 +293,7 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny, tmp_path):
     """``reward.<kind>.group_by_length``: every pair once per epoch, in batches that need far less padding."""
     from trl import RewardConfig, RewardTrainer
 
-    from iterative_rlhf.reward import _length_grouped, _tokenize_pairs
+    from iterative_rlhf.reward import _batching, _tokenize_pairs
 
     _, model, tok = tiny
     words = ["cold", "hot", "Paris", "Rome", "five", "two"]
@@ -312,7 +316,7 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny, tmp_path):
         return total, seen
 
     plain, seen_plain = padded_tokens(RewardTrainer)
-    grouped, seen_grouped = padded_tokens(_length_grouped(RewardTrainer))
+    grouped, seen_grouped = padded_tokens(_batching(RewardTrainer, by_length=True))
     assert sorted(seen_grouped) == sorted(seen_plain) and len(seen_grouped) == 256  # every pair exactly once
     assert grouped < 0.8 * plain, (grouped, plain)
 
