@@ -12,6 +12,38 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+#: Whether workers train beside this process (``siblings``), or this process is one of them.
+_SIBLINGS = False
+
+
+@contextmanager
+def siblings() -> Iterator[None]:
+    """Inside, workers train beside this process (:mod:`iterative_rlhf.workers`)."""
+    global _SIBLINGS
+    before, _SIBLINGS = _SIBLINGS, True
+    try:
+        yield
+    finally:
+        _SIBLINGS = before
+
+
+def become_worker() -> None:
+    global _SIBLINGS
+    _SIBLINGS = True
+
+
+def sharing_cores() -> bool:
+    """Whether workers train beside this process, or this process is one of them."""
+    return _SIBLINGS
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
 
 def _env_threads() -> int | None:
     """``$ITERATIVE_RLHF_THREADS`` as a thread count; None when it is unset or 'auto'."""
@@ -82,7 +114,8 @@ def training_threads(bf16: bool = False) -> int:
     (``bench/rm_threads.py``).
     Under bf16 autocast (``reward.<kind>.mixed_precision=bf16``) it is 1: the bf16 step's smaller products
     do not pay for a second thread (1.52x float32's speed on 1 thread, 1.25x on 2: ``bench/rm_precision.py``).
-    ``ITERATIVE_RLHF_THREADS`` overrides it.
+    ``ITERATIVE_RLHF_THREADS`` overrides it. RMs trained at once in several processes
+    (:mod:`iterative_rlhf.workers`) keep it: the thread count can change a small model's last bits.
     """
     threads = _env_threads()
     if threads:
@@ -91,11 +124,7 @@ def training_threads(bf16: bool = False) -> int:
         return 1
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(2, cores))
+    return max(1, min(2, cores()))
 
 
 def reset_mixed_precision() -> None:

@@ -32,6 +32,7 @@ ends with the same report as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ from .config import Recipe, load_recipe
 from .console import log, warn
 from .errors import AwaitingAnnotations, NumericalError, UserError
 from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, hash_path, read_jsonl
+from .workers import MIN_WORK, warm_up
 
 STAGE_SEEDS = {"rs_sample": 1, "rs_select": 2, "sft": 3, "ppo": 4, "eval": 5, "rm": 6, "ppo_rm": 7, "select": 8,
                "select_previous": 9, "rs_temperature": 10, "eval_deployed": 11}
@@ -167,6 +169,11 @@ class Campaign:
             from .tinyworld.build import build_world
             from .tinyworld.world import get_prompts, prompt_row
 
+            # The helpfulness RM's pairs x epochs: when its RMs will train at once (workers.py), the workers'
+            # fork server starts now, importing beside the build (single-threaded) instead of at the first RMs.
+            work = r.tinyworld.comparisons_per_prompt * len(get_prompts("train")) * r.reward.helpful.epochs
+            if work >= MIN_WORK:
+                warm_up()
             self.world = build_world(r.tinyworld)
             self.base_path = str(self.world.policy)
             train = [prompt_row(p) for p in get_prompts("train")]
@@ -255,24 +262,50 @@ class Campaign:
             and self.runs_ppo(k)
 
     def train_rms(self) -> None:
-        from .reward import evaluate_reward_models, rm_datasets, rm_test_sets, train_reward_model
+        from .reward import evaluate_reward_models, rm_datasets, rm_test_sets
 
         rm = self.dir / "rm"
+
+        def outputs(kind: str) -> list[Path]:
+            return [rm / kind, rm / f"{kind}.time.json"]
+
+        jobs, work = [], []
         for kind in ("helpful", "safety"):
-            def run(kind: str = kind) -> None:
-                t = time.time()
-                if not self.launched(["rm", "train", "--kind", kind, "--out", str(rm / kind),
-                                      "--init", self._rm_init()], f"rm/{kind}"):
-                    train_ds, _ = rm_datasets(self.recipe, kind, self.world)
-                    train_reward_model(self.recipe, kind, rm / kind, init_path=self._rm_init(), train_ds=train_ds)
+            if self.manifest.done(f"rm/{kind}", outputs(kind)):
+                continue
+            t = time.time()
+            if self.launched(["rm", "train", "--kind", kind, "--out", str(rm / kind), "--init", self._rm_init()],
+                             f"rm/{kind}"):
                 atomic_write_json(rm / f"{kind}.time.json", {"seconds": time.time() - t})
-            self.stage(f"rm/{kind}", [rm / kind, rm / f"{kind}.time.json"], run)
+                self.manifest.mark(f"rm/{kind}", outputs(kind))
+                continue
+            train_ds, _ = rm_datasets(self.recipe, kind, self.world)
+            jobs.append((kind, functools.partial(_train_timed, self.recipe, kind, rm / kind, self._rm_init(),
+                                                 train_ds, rm / f"{kind}.time.json")))
+            work.append(len(train_ds) * getattr(self.recipe.reward, kind).epochs)
+
+        def done(kind: str, seconds: float) -> None:
+            self.manifest.mark(f"rm/{kind}", outputs(kind))
+            log(f"[green]done[/green] rm/{kind} ({seconds:.1f} s)")
+        self.train_at_once(jobs, [self._rm_init()], work, done)
 
         def run_eval() -> None:
             evaluate_reward_models({"helpful": rm / "helpful", "safety": rm / "safety"},
                                    rm_test_sets(self.recipe, self.world), rm / "eval",
                                    threshold=self.recipe.scorer.threshold, world=self.world)
         self.stage("rm/eval", [rm / "eval" / "rm_eval.json"], run_eval)
+
+    def train_at_once(self, jobs: list[tuple[str, Callable[[], Any]]], inits: list[str], work: list[float],
+                      done: Callable[[str, Any], None] | None = None) -> None:
+        """Train RMs (named jobs; ``work``: each one's pairs x epochs): at once, a process each, on a CPU machine
+        with a core per job, small models and enough work (``workers.enabled``); else one after the other.
+        ``done(name, result)`` runs here as each ends."""
+        from .workers import at_once, enabled, small_checkpoint
+
+        workers = enabled(len(jobs), work) and all(small_checkpoint(p) for p in inits)
+        if workers:
+            log(f"training the {' and '.join(name for name, _ in jobs)} RMs at once, a process each")
+        at_once(jobs, workers=workers, done=done)
 
     def _rm_init(self) -> str:
         return self.base_path if self.recipe.reward.helpful.init == "policy" else self.recipe.reward.helpful.init
@@ -345,6 +378,7 @@ class Campaign:
             sec = dataclasses.replace(getattr(recipe.reward, kind), data=data, format="canonical",
                                       test_data=[str(self.world.comparisons(kind, "test"))], **changes)
             setattr(recipe.reward, kind, sec)
+        jobs, inits, work = [], [], []
         for kind in ("helpful", "safety"):
             if not n_new[kind]:
                 # Nothing new to learn from (e.g. no two distinct samples on any prompt of this kind).
@@ -355,7 +389,11 @@ class Campaign:
                 continue
             train_ds, _ = rm_datasets(recipe, kind, None)
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
-            train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
+            jobs.append((kind, functools.partial(train_reward_model, recipe, kind, out / kind, init_path=init,
+                                                 train_ds=train_ds)))
+            inits.append(init)
+            work.append(len(train_ds) * getattr(recipe.reward, kind).epochs)
+        self.train_at_once(jobs, inits, work)
 
     def annotation_files(self, k: int) -> dict[str, Path]:
         """Where people's comparisons of round k's pairs go (``reward.refresh_data``), per RM kind."""
@@ -458,6 +496,7 @@ class Campaign:
             replay = old.select(sorted(rng.sample(range(len(old)), n_replay)))
             return datasets.concatenate_datasets([replay, new])
 
+        jobs, inits, work = [], [], []
         for kind in ("helpful", "safety"):
             cfg = getattr(rw, kind)
             primary = parts(kind, cfg.margin)
@@ -473,7 +512,11 @@ class Campaign:
                 recipe = dataclasses.replace(recipe, reward=dataclasses.replace(
                     rw, **{kind: dataclasses.replace(cfg, epochs=rw.refresh_epochs)}))
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
-            train_reward_model(recipe, kind, out / kind, init_path=init, train_ds=train_ds)
+            jobs.append((kind, functools.partial(train_reward_model, recipe, kind, out / kind, init_path=init,
+                                                 train_ds=train_ds)))
+            inits.append(init)
+            work.append(len(train_ds) * getattr(recipe.reward, kind).epochs)
+        self.train_at_once(jobs, inits, work)
 
     def new_batch(self, previous: Path, new_files: dict[str, Path], out: Path) -> None:
         """``out/new_batch.json``: the RMs before a refresh scored on (``reward.refresh_check`` of) its new
@@ -984,6 +1027,17 @@ class Campaign:
             reports.print_summary({"rounds": reports.load_rounds(self.dir), "recipe": f"{self.recipe.name} after v{k}",
                                    "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind})
         return reports.write_report(self.dir)
+
+
+def _train_timed(recipe: Recipe, kind: str, out: Path, init: str, train_ds: Any, time_file: Path) -> float:
+    """Train one RM and write its wall seconds to ``time_file`` (a module-level function: a worker runs it)."""
+    from .reward import train_reward_model
+
+    t = time.time()
+    train_reward_model(recipe, kind, out, init_path=init, train_ds=train_ds)
+    seconds = time.time() - t
+    atomic_write_json(time_file, {"seconds": seconds})
+    return seconds
 
 
 def run_campaign(recipe: Recipe, out: str | Path, rounds: int | None = None, force: bool = False) -> dict:

@@ -240,12 +240,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+ENVIRONMENT = """environment:
+  ITERATIVE_RLHF_CACHE        where TinyWorld is built and cached (default ~/.cache/iterative-rlhf)
+  ITERATIVE_RLHF_THREADS      torch threads of small models on a CPU (default: 1; 2 for RM training)
+  ITERATIVE_RLHF_AT_ONCE      1: train the two RMs at once, a process each; 0: one after the other;
+                              unset: at once on a CPU machine with 2+ cores when the RMs are big enough
+  ITERATIVE_RLHF_NO_PROGRESS  1: no progress bars (log lines only)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iterative-rlhf",
-        description="Llama-2-style iterative RLHF: helpfulness and safety reward models, a gated scorer, "
-                    "best-of-N rejection sampling, PPO, and V1..Vn campaigns. Runs on the built-in "
-                    "TinyWorld by default.")
+        description="Llama-2-style iterative RLHF: helpfulness and safety reward models, a gated scorer,\n"
+                    "best-of-N rejection sampling, PPO, and V1..Vn campaigns. Runs on the built-in\n"
+                    "TinyWorld by default.",
+        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("config", help="Print the resolved recipe (or every field with its help).")

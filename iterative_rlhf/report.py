@@ -119,18 +119,21 @@ def load_rounds(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _add_rm_time(run_dir: Path, k: int, rep: dict) -> None:
-    """``times.rm``: reward-model training seconds of round k (v0: the initial RMs; vK: the refreshes)."""
+    """``times.rm``: reward-model training seconds of round k (v0: the initial RMs; vK: the refreshes); RMs
+    trained at once (``at_once`` in their summaries) count the longer one."""
     times = rep.get("times")
     if isinstance(times, dict) and "rm" in times:
         return
     folders = [run_dir / "rm"] if k == 0 else [run_dir / f"v{k}" / "rm", run_dir / f"v{k}" / "ppo_rm"]
     seconds = []
-    for path in (f / kind / "train_summary.json" for f in folders for kind in ("helpful", "safety")):
-        if path.is_file():
-            summary = _read_json(path)
+    for folder in folders:
+        alone, together = [], []
+        for path in (folder / kind / "train_summary.json" for kind in ("helpful", "safety")):
+            summary = _read_json(path) if path.is_file() else None
             value = summary.get("train_seconds") if isinstance(summary, dict) else None
             if isinstance(value, (int, float)) and math.isfinite(value):
-                seconds.append(float(value))
+                (together if summary.get("at_once") else alone).append(float(value))
+        seconds += alone + ([max(together)] if together else [])
     if seconds:
         rep["times"] = {"rm": sum(seconds), **(times if isinstance(times, dict) else {})}
 

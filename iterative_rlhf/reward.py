@@ -43,7 +43,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from ._quiet import native_bf16, reset_mixed_precision, training_threads
+from ._quiet import native_bf16, reset_mixed_precision, sharing_cores, training_threads
 from .checkpoint import DTYPES, apply_lora, load_reward_model, load_tokenizer, save_checkpoint
 from .config import Recipe, RewardModelConfig
 from .console import log, progress, table, warn
@@ -410,6 +410,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         trainer_cls = _batching(RewardTrainer, by_length=cfg.group_by_length, groups=groups,
                                 per_group=max(1, step_pairs // cfg.prompts_per_batch) if cfg.prompts_per_batch else 0)
     collator = SharedResponseCollator(tokenizer.pad_token_id) if cfg.prompts_per_batch else None
+    at_once = sharing_cores()
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                           data_collator=collator,
                           callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
@@ -437,6 +438,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "last_accuracy": steps[-1].get("accuracy") if steps else None,
         "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params, "processes": world_size,
         "prompts_per_batch": cfg.prompts_per_batch, "mixed_precision": "bf16" if bf16 else "none",
+        "at_once": at_once,  # trained beside the other RM, a process each (workers.py)
     }
     final = trainer.model
     if quantized:

@@ -42,9 +42,9 @@ def small_args(world_config) -> list[str]:  # noqa: ANN001
     return out
 
 
-def run_cli(args: list[str], kill_when=None, timeout: float = 900) -> int:  # noqa: ANN001
+def run_cli(args: list[str], kill_when=None, timeout: float = 900, env: dict | None = None) -> int:  # noqa: ANN001
     """Run the CLI in a subprocess; SIGKILL it once ``kill_when()`` is true. Returns the exit code."""
-    env = {**os.environ, "ITERATIVE_RLHF_NO_PROGRESS": "1"}
+    env = {**os.environ, "ITERATIVE_RLHF_NO_PROGRESS": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "iterative_rlhf.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     start = time.time()
@@ -299,8 +299,12 @@ def test_foreign_recipe_is_refused(reference_run, world_config):
 
 
 def test_sigkill_at_random_points_then_resume_gives_the_same_report(reference_run, world_config, tmp_path):
+    """Killed at several points, rerun: the report equals the uninterrupted run's. This campaign trains its two
+    RMs at once (a worker process for the safety RM, workers.py), the reference one after the other: the
+    same weights bit for bit, and a killed campaign's worker dies with it."""
     out = tmp_path / "killed"
     args = ["round", "--n", str(ROUNDS), "--out", str(out), *small_args(world_config)]
+    at_once = {"ITERATIVE_RLHF_AT_ONCE": "1"}
     rng = random.Random(0)
     # Kill inside: RM training, v0 eval, RS sampling, SFT, PPO (after a saved iteration), the last report.
     points = [set(), {"rm/safety"}, {"v1/rs_sample"}, {"v1/rs_select"}, {"v1/ppo"}, {"v2/sft"}, {"v2/eval"}]
@@ -318,10 +322,13 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_report(reference_ru
                 reached.append(time.time())
             return time.time() - reached[0] > delay
 
-        if run_cli(args, kill_when) == -9:
+        if run_cli(args, kill_when, env=at_once) == -9:
             kills += 1
-    run_cli(args)  # finish
+    run_cli(args, env=at_once)  # finish
     assert kills >= 4
+    summary = json.loads((out / "rm" / "safety" / "train_summary.json").read_text())
+    assert summary["at_once"] and not json.loads((reference_run / "rm" / "safety" / "train_summary.json")
+                                                  .read_text())["at_once"]
     ref = json.loads((reference_run / "report.json").read_text())
     got = json.loads((out / "report.json").read_text())
     assert comparable(got) == comparable(ref)

@@ -16,6 +16,9 @@ def test_help_lists_every_command(capsys):
     for cmd in ("round", "rs", "ppo", "rm", "score", "sample", "tinyworld", "report", "compare", "config",
                 "prompts", "annotate"):
         assert cmd in out
+    for variable in ("ITERATIVE_RLHF_CACHE", "ITERATIVE_RLHF_THREADS", "ITERATIVE_RLHF_AT_ONCE",
+                     "ITERATIVE_RLHF_NO_PROGRESS"):
+        assert variable in out  # the environment the package reads
 
 
 def test_round_defaults():

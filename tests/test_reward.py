@@ -228,6 +228,43 @@ def test_bf16_autocast_trains_float32_weights_that_load_as_usual(tiny, tmp_path,
     assert json.loads((out / "train_summary.json").read_text())["mixed_precision"] == "none"
 
 
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="needs a fork server")
+def test_two_rms_trained_at_once_equal_one_after_the_other(tiny, tmp_path):
+    """workers.at_once: the safety RM in a worker process beside the helpfulness RM gives the same weights, bit
+    for bit, as training them one after the other; the summaries say so and the report counts the longer."""
+    import functools
+
+    from safetensors.torch import load_file
+
+    from iterative_rlhf.report import _add_rm_time
+    from iterative_rlhf.reward import train_reward_model
+    from iterative_rlhf.workers import at_once
+
+    path, _, _ = tiny
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "level": lv, "margin": m, "source": "t", "is_safety": False}
+            for p, c, r, lv, m in PAIRS] * 4
+    recipe = load_recipe(None, overrides=[f"reward.{k}.{key}={v}" for k in ("helpful", "safety") for key, v in
+                                          (("batch_size", 4), ("per_device_batch_size", 4), ("epochs", 2),
+                                           ("learning_rate", 0.01))])
+    for workers in (True, False):
+        jobs = [(kind, functools.partial(train_reward_model, recipe, kind, tmp_path / str(workers) / "rm" / kind,
+                                         init_path=path, train_ds=datasets.Dataset.from_list(rows)))
+                for kind in ("helpful", "safety")]
+        at_once(jobs, workers=workers)
+    for kind in ("helpful", "safety"):
+        a = load_file(tmp_path / "True" / "rm" / kind / "model.safetensors")
+        b = load_file(tmp_path / "False" / "rm" / kind / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), kind
+        assert json.loads((tmp_path / "True" / "rm" / kind / "train_summary.json").read_text())["at_once"]
+        assert not json.loads((tmp_path / "False" / "rm" / kind / "train_summary.json").read_text())["at_once"]
+    seconds = {kind: json.loads((tmp_path / "True" / "rm" / kind / "train_summary.json").read_text())[
+        "train_seconds"] for kind in ("helpful", "safety")}
+    rep: dict = {}
+    _add_rm_time(tmp_path / "True", 0, rep)
+    assert rep["times"]["rm"] == pytest.approx(max(seconds.values()))
+
+
 def test_float32_head_keeps_the_reward_out_of_bf16(tiny):
     """Under bf16 autocast the reward leaves the head in float32 (not rounded to 8 bits); names unchanged."""
     import copy

@@ -1,0 +1,229 @@
+"""Independent jobs at once on a CPU machine: the first in this process, each other one in a worker process.
+
+A small model's training step gains little from a second torch thread (1.03-1.22x on two cores,
+``bench/README.md``, "Threads"), while two processes on two cores train at 1.8x the throughput of one.
+So a campaign on a CPU machine with two or more cores trains its helpfulness and safety reward models at
+once (:func:`at_once`). Each training seeds itself and keeps the torch threads it has alone (the thread count
+can change a small model's last bits), so the checkpoints are bit for bit those of one training after the
+other; the stage takes about the longer training's time instead of the sum (``bench/rm_at_once.py``).
+
+Workers come from a fork server (``multiprocessing``'s ``forkserver``): a clean process started on first
+use, which imports torch, transformers and TRL once and forks a worker per job. Not a fork of this process:
+once OpenMP has run threads here, a forked child that starts its own hangs (GNU OpenMP is not fork-safe).
+A job and its result travel pickled. A worker:
+
+* sends its log lines and progress bars to this process, which shows them with its own
+  (:func:`console.forward_to`, :func:`console.show`);
+* dies with this process: a thread of the worker waits on a pipe whose other end only this process
+  holds, and ends the worker when it closes; a killed campaign leaves no worker writing into its run
+  directory, and a rerun starts the stage again;
+* ignores Ctrl-C, which this process answers by stopping it;
+* returns its job's result, or its error, which is raised here with the worker's message (a
+  :class:`~iterative_rlhf.errors.UserError` stays one). A worker killed from outside (out of memory) is a
+  UserError naming the job.
+
+The fork server's start (about 10 s of imports, once per process) is hidden behind the main job only when
+that trains long enough: by default jobs run at once when the largest has at least ``MIN_WORK`` pairs x
+epochs (TinyWorld's RMs: 15,000-17,000; the tests' small world: a few hundred).
+``ITERATIVE_RLHF_AT_ONCE=0`` runs them one after the other in this process, ``=1`` at once whatever their size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import console
+from ._quiet import SMALL_MODEL_PARAMS, become_worker, cores, siblings
+from .errors import UserError
+
+ENV = "ITERATIVE_RLHF_AT_ONCE"
+#: Pairs x epochs of the largest job below which jobs run one after the other (unless ITERATIVE_RLHF_AT_ONCE=1).
+MIN_WORK = 4096
+#: What the fork server imports once, so that a worker starts in milliseconds.
+PRELOAD = ["torch", "transformers", "trl", "datasets", "accelerate", "iterative_rlhf.reward"]
+
+
+def _context():  # noqa: ANN202
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports in the background, on a core this process may leave idle), so
+    that the first :func:`at_once` does not wait for it; nothing where workers are off."""
+    if enabled(2):
+        from multiprocessing import forkserver
+
+        _context()
+        forkserver.ensure_running()
+
+
+def enabled(n_jobs: int, work: Sequence[float] = ()) -> bool:
+    """Whether :func:`at_once` uses workers: 2+ jobs, as many cores, no GPU, a fork server available, not a
+    launched process; ``ITERATIVE_RLHF_AT_ONCE`` unset and the largest ``work`` (pairs x epochs) at least
+    ``MIN_WORK``, or it is 1."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting not in ("", "0", "1"):
+        raise UserError(f"{ENV}={setting!r}: expected 1 (train reward models at once), 0 (one after the other), "
+                        "or nothing (at once where it pays, the default)")
+    if setting == "0" or n_jobs < 2 or n_jobs > cores():
+        return False
+    if setting == "" and work and max(work) < MIN_WORK:
+        return False
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    from .launch import inside_launch
+
+    if inside_launch():
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def small_checkpoint(path: str | Path) -> bool:
+    """A local checkpoint of under 20M float32 parameters (by its weight files' size); False for hub names."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    size = sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+    return 0 < size < SMALL_MODEL_PARAMS * 4
+
+
+def at_once(jobs: Sequence[tuple[str, Callable[[], Any]]], *, workers: bool | None = None,
+            done: Callable[[str, Any], None] | None = None) -> list[Any]:
+    """Run named jobs and return their results in order; ``done(name, result)`` runs here as each one ends.
+
+    With ``workers`` (default: :func:`enabled`), jobs 2.. run in workers while this process runs the first (each
+    job and its result must pickle: a module-level function, or a ``functools.partial`` of one);
+    else one after the other here. Each job keeps the torch threads it would have alone, so that its arithmetic,
+    and a trained model's weights, are those of one after the other.
+    An error stops the workers still running and is raised; the jobs that ended before it keep their ``done``.
+    """
+    def finished(name: str, result: Any) -> Any:
+        if done is not None:
+            done(name, result)
+        return result
+
+    if workers is None:
+        workers = enabled(len(jobs))
+    if not workers:
+        return [finished(name, job()) for name, job in jobs]
+    with siblings():
+        started = [_Worker(name, job) for name, job in jobs[1:]]
+        try:
+            results = [finished(jobs[0][0], jobs[0][1]())]
+            results += [finished(w.name, w.result()) for w in started]
+        finally:
+            for w in started:
+                w.stop()
+    return results
+
+
+class _Worker:
+    """One job in a worker process; a thread here shows its forwarded output."""
+
+    def __init__(self, name: str, job: Callable[[], Any]) -> None:
+        self.name = name
+        ctx = _context()
+        self._recv, send = ctx.Pipe(duplex=False)
+        lifeline, self._lifeline = ctx.Pipe(duplex=False)  # only this process writes: EOF there when it dies
+        self._outcome: tuple | None = None
+        self.process = ctx.Process(target=_run, args=(job, send, lifeline), name=f"iterative-rlhf {name}",
+                                   daemon=True)
+        self.process.start()
+        send.close()  # the worker holds the other end: EOF here when it exits
+        lifeline.close()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _events(self):  # noqa: ANN202
+        while True:
+            try:
+                event = self._recv.recv()
+            except (EOFError, OSError):
+                return
+            if event[0] in ("done", "error"):
+                self._outcome = event
+                continue
+            yield event
+
+    def _read(self) -> None:
+        console.show(self._events())
+
+    def result(self) -> Any:
+        self.process.join()
+        self._reader.join()
+        outcome = self._outcome
+        if outcome is None:
+            code = self.process.exitcode
+            how = f"signal {-code} ({signal.Signals(-code).name})" if code and code < 0 else f"exit status {code}"
+            raise UserError(f"{self.name}: its worker process ended with {how} before finishing (out of memory? "
+                            f"set {ENV}=0 to run it in the main process); rerun the command to continue")
+        if outcome[0] == "done":
+            return outcome[1]
+        error, text = outcome[1], outcome[2]
+        if isinstance(error, BaseException):
+            if not isinstance(error, UserError):
+                console.log(text.rstrip())  # the worker's traceback: where it failed
+            raise error
+        raise RuntimeError(f"{self.name} failed in its worker process:\n{text}")
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self._reader.join(5)
+        self._recv.close()
+        self._lifeline.close()
+
+
+def _die_with_parent(lifeline: Any) -> None:
+    """End this worker as soon as ``lifeline`` reads EOF: its parent, the only writer, has died."""
+    def wait() -> None:
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+def _run(job: Callable[[], Any], send: Any, lifeline: Any) -> None:
+    """A worker's body: forward output, run the job, send ("done", result) or ("error", exception, traceback)."""
+    _die_with_parent(lifeline)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the worker on Ctrl-C
+    console.forward_to(send.send)
+    try:
+        from ._quiet import cpu_threads, quiet_libraries
+
+        cpu_threads()  # as the CLI: one torch thread unless a stage asks for more; quiet libraries
+        quiet_libraries()
+        become_worker()  # a job can tell it runs beside others (an RM's train_summary.json says so)
+        outcome: tuple = ("done", job())
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        text = traceback.format_exc()
+        try:
+            pickle.dumps(e)
+            outcome = ("error", e, text)
+        except Exception:  # noqa: BLE001
+            outcome = ("error", None, text)
+    console.forward_to(None)
+    try:
+        send.send(outcome)
+    except Exception:  # noqa: BLE001 - an unpicklable result
+        send.send(("error", None, traceback.format_exc()))
+    send.close()
