@@ -64,7 +64,10 @@ def warm_up() -> None:
         from multiprocessing import forkserver
 
         _context()
-        forkserver.ensure_running()
+        try:
+            forkserver.ensure_running()
+        except OSError:
+            pass  # at_once says so when it needs the server
 
 
 def enabled(n_jobs: int, work: Sequence[float] = ()) -> bool:
@@ -116,16 +119,26 @@ def at_once(jobs: Sequence[tuple[str, Callable[[], Any]]], *, workers: bool | No
 
     if workers is None:
         workers = enabled(len(jobs))
-    if not workers:
-        return [finished(name, job()) for name, job in jobs]
-    with siblings():
-        started = [_Worker(name, job) for name, job in jobs[1:]]
+    started: list[_Worker] = []
+    if workers:
         try:
-            results = [finished(jobs[0][0], jobs[0][1]())]
-            results += [finished(w.name, w.result()) for w in started]
-        finally:
+            for name, job in jobs[1:]:
+                started.append(_Worker(name, job))
+        except OSError as e:  # no fork server here (a sandbox without UNIX sockets, no /tmp, ...)
             for w in started:
                 w.stop()
+            console.warn(f"could not start a worker process ({e}); running the jobs one after the other "
+                         f"(set {ENV}=0 to skip trying)")
+            workers, started = False, []
+    if not workers:
+        return [finished(name, job()) for name, job in jobs]
+    try:
+        with siblings():  # the first job can tell it runs beside others
+            results = [finished(jobs[0][0], jobs[0][1]())]
+        results += [finished(w.name, w.result()) for w in started]
+    finally:
+        for w in started:
+            w.stop()
     return results
 
 

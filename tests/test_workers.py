@@ -173,6 +173,17 @@ def test_when_jobs_run_at_once(monkeypatch, tmp_path):
     assert not small_checkpoint(tmp_path / "missing") and not small_checkpoint("meta-llama/Llama-2-7b-hf")
 
 
+def test_no_fork_server_means_one_after_the_other_with_a_warning(monkeypatch, capsys):
+    import iterative_rlhf.workers as workers
+
+    def no_server(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(workers, "_context", no_server)
+    assert at_once([("a", os.getpid), ("b", os.getpid)], workers=True) == [os.getpid(), os.getpid()]
+    assert "could not start a worker process (AF_UNIX path too long)" in capsys.readouterr().err
+
+
 def test_one_after_the_other_runs_here():
     assert at_once([("a", os.getpid), ("b", os.getpid)], workers=False) == [os.getpid(), os.getpid()]
 
