@@ -278,6 +278,7 @@ class Campaign:
                              f"rm/{kind}"):
                 atomic_write_json(rm / f"{kind}.time.json", {"seconds": time.time() - t})
                 self.manifest.mark(f"rm/{kind}", outputs(kind))
+                log(f"[green]done[/green] rm/{kind} ({time.time() - t:.1f} s)")
                 continue
             train_ds, _ = rm_datasets(self.recipe, kind, self.world)
             jobs.append((kind, functools.partial(_train_timed, self.recipe, kind, rm / kind, self._rm_init(),

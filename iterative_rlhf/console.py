@@ -4,7 +4,7 @@ Library code calls :func:`log`, :func:`progress` and :func:`table` instead of
 ``print``. Output happens on the main process only (RANK 0 or no RANK).
 
 Progress bars open while another is live join its display as one more row
-(rich allows one live display at a time). A worker process forked by
+(rich allows one live display at a time). A worker process started by
 :mod:`iterative_rlhf.workers` sends its lines and bars to the parent, which
 shows them (:func:`forward_to`, :func:`show`).
 """

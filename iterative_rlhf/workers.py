@@ -153,9 +153,15 @@ class _Worker:
         self._outcome: tuple | None = None
         self.process = ctx.Process(target=_run, args=(job, send, lifeline), name=f"iterative-rlhf {name}",
                                    daemon=True)
-        self.process.start()
-        send.close()  # the worker holds the other end: EOF here when it exits
-        lifeline.close()
+        try:
+            self.process.start()
+        except BaseException:
+            self._recv.close()
+            self._lifeline.close()
+            raise
+        finally:
+            send.close()  # the worker holds the other end: EOF here when it exits
+            lifeline.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

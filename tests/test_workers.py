@@ -151,7 +151,6 @@ def test_a_worker_dies_with_its_parent(tmp_path):
 
 
 def test_when_jobs_run_at_once(monkeypatch, tmp_path):
-    monkeypatch.setattr(_quiet, "cores", lambda: 2)
     monkeypatch.setattr("iterative_rlhf.workers.cores", lambda: 2)
     monkeypatch.delenv("ITERATIVE_RLHF_AT_ONCE", raising=False)
     assert enabled(2) and not enabled(1) and not enabled(3)
