@@ -209,6 +209,111 @@ class _Worker:
         self._lifeline.close()
 
 
+class HelperGone(Exception):
+    """A :class:`Helper`'s process ended or failed; the caller does its share itself from then on."""
+
+
+class Helper:
+    """A long-lived worker process that takes a share of each step of a loop in this process.
+
+    ``target(conn, *args)`` runs in a worker from the fork server: it answers each message this process sends
+    (:meth:`send`, then :meth:`answer`) and returns on ``None``. Tensors among ``args`` travel in shared memory
+    (``Tensor.share_memory_()`` first), so the worker sees this process's in-place updates. The worker starts in
+    the background (the fork server may still be importing): until :meth:`ready`, this process does all the
+    work itself. Like :func:`at_once`'s workers it dies with this process and ignores Ctrl-C.
+    """
+
+    def __init__(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._conn: Any = None
+        self._lifeline: Any = None
+        self.process: Any = None
+        self.error: BaseException | None = None
+        threading.Thread(target=self._start, args=(target, args), daemon=True).start()
+
+    def _start(self, target: Callable[..., None], args: tuple) -> None:
+        try:
+            ctx = _context()
+            here, there = ctx.Pipe()
+            lifeline, keep = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_serve, args=(target, there, lifeline, args),
+                                  name=f"iterative-rlhf {self.name}", daemon=True)
+            try:
+                process.start()
+            finally:
+                there.close()
+                lifeline.close()
+        except BaseException as e:  # noqa: BLE001 - no fork server: this process does all the work
+            self.error = e
+            return
+        with self._lock:
+            self.process, self._lifeline = process, keep
+            if self._stopped:  # stopped while starting
+                self._end(here)
+            else:
+                self._conn = here
+
+    def ready(self) -> bool:
+        """Whether the worker is up and takes work."""
+        return self._conn is not None
+
+    def send(self, message: Any) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as e:
+            raise HelperGone(f"{self.name}: its worker process is gone ({e})") from e
+
+    def answer(self) -> Any:
+        """The worker's answer to the last message; :class:`HelperGone` if it ended or failed."""
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError) as e:
+            code = self.process.exitcode if self.process is not None else None
+            raise HelperGone(f"{self.name}: its worker process ended (exit status {code})") from e
+        if kind == "error":
+            raise HelperGone(f"{self.name}: its worker process failed:\n{value}")
+        return value
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            self._end(conn)
+
+    def _end(self, conn: Any) -> None:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        conn.close()
+        self._lifeline.close()
+
+
+def _serve(target: Callable[..., None], conn: Any, lifeline: Any, args: tuple) -> None:
+    """A helper's body: run ``target(conn, *args)``; an error goes back as ("error", traceback)."""
+    _die_with_parent(lifeline)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ._quiet import cpu_threads
+
+    cpu_threads()  # the threads this process's loop has alone
+    become_worker()
+    try:
+        target(conn, *args)
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except (OSError, ValueError):
+            pass
+    conn.close()
+
+
 def _die_with_parent(lifeline: Any) -> None:
     """End this worker as soon as ``lifeline`` reads EOF: its parent, the only writer, has died."""
     def wait() -> None:

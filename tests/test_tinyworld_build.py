@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -116,7 +120,6 @@ def test_worlds_that_differ_only_in_annotation_share_the_trained_policy(world, w
 def test_pretraining_micro_batches_give_the_gradient_of_the_whole_batch():
     """Length-sorted micro-batches with num_items_in_batch = the padded batch's mean loss, to float error."""
     import random
-    from dataclasses import replace
 
     import torch
 
@@ -145,3 +148,114 @@ def test_pretraining_micro_batches_give_the_gradient_of_the_whole_batch():
         model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=n).loss.backward()
     assert max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), whole)) < 1e-5
     assert ids.shape[1] == max(len(x) for x, _ in ordered[12:])  # each micro-batch pads to its own longest
+
+
+def _tiny_policy():
+    import torch
+
+    from iterative_rlhf.config import TinyWorldConfig
+    from iterative_rlhf.tinyworld import policy as P
+
+    cfg = replace(TinyWorldConfig(), hidden_size=32, num_heads=1, num_layers=1, corpus_size=200, train_steps=40,
+                  train_batch_size=16, vocab_size=300)
+    corpus = write_corpus(get_prompts("all"), cfg.corpus_size, seed=0)
+    tok = P.build_tokenizer([p.text for p, _ in corpus] + [r for _, r in corpus], cfg.vocab_size)
+    torch.manual_seed(0)
+    return cfg, corpus, tok, P.build_model(cfg, tok)
+
+
+def _ready(helper, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while not helper.ready():
+        assert helper.error is None, helper.error
+        assert time.monotonic() < deadline, "the helper process did not start"
+        time.sleep(0.05)
+    return helper
+
+
+needs_two_cores = pytest.mark.skipif(
+    "forkserver" not in __import__("multiprocessing").get_all_start_methods()
+    or __import__("iterative_rlhf._quiet", fromlist=["cores"]).cores() < 2, reason="needs a fork server, 2 cores")
+
+
+@needs_two_cores
+def test_pretraining_helper_gives_the_gradients_of_one_process_bit_for_bit(monkeypatch):
+    """The helper computes the middle micro-batches of a step; the summed gradient is exactly the one of
+    ``backward`` run on every micro-batch here; once its process is killed, this process does all the work."""
+    import random
+
+    import torch
+
+    from iterative_rlhf import console
+    from iterative_rlhf.tinyworld import policy as P
+
+    monkeypatch.delenv("ITERATIVE_RLHF_AT_ONCE", raising=False)
+    _, corpus, tok, model = _tiny_policy()
+    data = P._encode(tok, corpus)
+    pad = tok.pad_token_id
+    rng = random.Random(0)
+
+    def chunks():
+        ordered = sorted(rng.sample(data, 16), key=lambda x: len(x[0]))
+        return [ordered[i: i + 4] for i in range(0, 16, 4)], sum(len(x) - s for x, s in ordered)
+
+    def alone(parts, n):  # the old loop: backward on each micro-batch, accumulated by autograd
+        model.zero_grad(set_to_none=True)
+        for c in parts:
+            ids, attn, labels = P._pad(c, pad)
+            model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=n).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    helper, slots = P._start_helper(model, 10**6)
+    try:
+        _ready(helper)
+        assert helper.process.pid != os.getpid()
+        for _ in range(4):
+            parts, n = chunks()
+            expected = alone(parts, n)
+            helper, shared = P._step_grads(model, parts, pad, n, helper, slots)
+            assert shared
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
+            with torch.no_grad():  # the weights move between steps, as under the optimiser
+                for p in model.parameters():
+                    p.add_(p.grad, alpha=-0.01)
+        warnings = []
+        monkeypatch.setattr(console, "warn", warnings.append)
+        os.kill(helper.process.pid, signal.SIGKILL)
+        helper.process.join(10)
+        parts, n = chunks()
+        expected = alone(parts, n)
+        helper, shared = P._step_grads(model, parts, pad, n, helper, slots)
+        assert helper is None and not shared
+        assert "goes on in this process alone" in warnings[0]
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
+    finally:
+        if helper is not None:
+            helper.stop()
+
+
+@needs_two_cores
+def test_pretraining_with_a_helper_trains_the_same_weights(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from iterative_rlhf.tinyworld import policy as P
+
+    cfg, corpus, _, _ = _tiny_policy()
+    start = P._start_helper
+
+    def started(model, work):  # wait for the helper, so that it takes part from the first step
+        helper, slots = start(model, work)
+        return (helper if helper is None else _ready(helper)), slots
+
+    monkeypatch.setattr(P, "_start_helper", started)
+    lines = []
+    monkeypatch.setattr(P, "log", lines.append)
+    monkeypatch.setenv("ITERATIVE_RLHF_AT_ONCE", "1")
+    P.train_policy(cfg, corpus, tmp_path / "helped")
+    assert lines == ["TinyWorld policy: a helper process computed half the micro-batches of 40 of 40 steps"]
+    monkeypatch.setenv("ITERATIVE_RLHF_AT_ONCE", "0")
+    P.train_policy(cfg, corpus, tmp_path / "alone")
+    assert len(lines) == 1
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("helped", "alone"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..config import TinyWorldConfig
-from ..console import progress
+from ..console import log, progress
 from .world import Prompt
 
 BOS, EOS, PAD, USER, ASSISTANT = "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"
@@ -94,8 +95,95 @@ def _pad(chunk: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, to
     return input_ids, attn, labels
 
 
+def _micro_grads(model: LlamaForCausalLM, chunk: list[tuple[list[int], int]], pad: int,
+                 n_tokens: int) -> list[torch.Tensor | None]:
+    """The gradient of one micro-batch's share of the batch loss, a fresh tensor per parameter."""
+    model.zero_grad(set_to_none=True)
+    input_ids, attn, labels = _pad(chunk, pad)
+    model(input_ids=input_ids, attention_mask=attn, labels=labels, num_items_in_batch=n_tokens).loss.backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _grad_helper(conn, config: LlamaConfig, params: list[torch.Tensor],  # noqa: ANN001
+                 slots: list[list[torch.Tensor]]) -> None:
+    """The pre-training helper's loop (``workers.Helper``): the model's weights are ``params`` (shared with the
+    trainer, which updates them between steps); each message ``(chunks, pad, n_tokens)`` asks for the gradients
+    of ``chunks``, written into ``slots`` (one per chunk, shared too)."""
+    model = LlamaForCausalLM(config)
+    for p, shared in zip(model.parameters(), params, strict=True):
+        p.data = shared
+    model.train()
+    while (message := conn.recv()) is not None:
+        chunks, pad, n_tokens = message
+        for chunk, slot in zip(chunks, slots, strict=False):
+            for out, g in zip(slot, _micro_grads(model, chunk, pad, n_tokens), strict=True):
+                out.copy_(g)
+        conn.send(("ok", None))
+
+
+def _start_helper(model: LlamaForCausalLM, work: int) -> tuple[Any, list[list[torch.Tensor]]] | tuple[None, None]:
+    """A helper process for the middle micro-batches of each step, where workers pay (``workers.enabled``)."""
+    from .. import workers
+
+    if not workers.enabled(2, [work]):
+        return None, None
+    model.share_memory()  # the helper reads the weights this process updates
+    slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()] for _ in range(MICRO_BATCHES - 2)]
+    helper = workers.Helper("TinyWorld policy pre-training", _grad_helper, model.config,
+                            list(model.parameters()), slots)
+    return helper, slots
+
+
+def _step_grads(model: LlamaForCausalLM, chunks: list, pad: int, n_tokens: int, helper: Any,
+                slots: list[list[torch.Tensor]] | None) -> tuple[Any, bool]:
+    """Set ``.grad`` to the batch's gradient: the micro-batches' gradients summed in order, exactly as
+    ``backward`` accumulates them one after the other. With a ready ``helper``, it computes the middle ones
+    while this process computes the first and the last; the sum, and so every bit of the step, is the same.
+    Returns the helper (None once it is gone: this process then does all the work) and whether it took part."""
+    from ..workers import HelperGone
+
+    middle = chunks[1:-1]
+    shared = helper is not None and helper.ready() and 0 < len(middle) <= len(slots)
+    if shared:
+        try:
+            helper.send((middle, pad, n_tokens))
+        except HelperGone as e:
+            helper, shared = _lost(helper, e), False
+    grads = [_micro_grads(model, chunks[0], pad, n_tokens)]
+    if len(chunks) > 1:
+        last = _micro_grads(model, chunks[-1], pad, n_tokens)
+        if shared:
+            try:
+                helper.answer()
+                grads += slots[: len(middle)]
+            except HelperGone as e:
+                helper, shared = _lost(helper, e), False
+        if not shared:
+            grads += [_micro_grads(model, c, pad, n_tokens) for c in middle]
+        grads.append(last)
+    for i, p in enumerate(model.parameters()):
+        parts = [g[i] for g in grads if g[i] is not None]
+        total = parts[0] if parts else None
+        for g in parts[1:]:
+            total.add_(g)  # AccumulateGrad's ``grad += new`` in the same order
+        p.grad = total
+    return helper, shared
+
+
+def _lost(helper: Any, error: Exception) -> None:
+    from ..console import warn
+
+    warn(f"{error}; pre-training goes on in this process alone (the same weights, more slowly)")
+    helper.stop()
+    return None
+
+
 def train_policy(cfg: TinyWorldConfig, pairs: list[tuple[Prompt, str]], out_dir: Path) -> LlamaForCausalLM:
-    """Train the base policy on the writer's corpus and save model + tokenizer to ``out_dir``."""
+    """Train the base policy on the writer's corpus and save model + tokenizer to ``out_dir``.
+
+    On a CPU machine with 2+ cores a helper process computes half of each step's micro-batches
+    (``workers.Helper``; ``ITERATIVE_RLHF_AT_ONCE=0`` turns it off): the weights are the same bit for bit.
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     texts = [p.text for p, _ in pairs] + [r for _, r in pairs]
@@ -113,24 +201,31 @@ def train_policy(cfg: TinyWorldConfig, pairs: list[tuple[Prompt, str]], out_dir:
 
     model.train()
     pad = tokenizer.pad_token_id
-    with progress("TinyWorld policy: pre-training", cfg.train_steps) as advance:
-        for step in range(cfg.train_steps):
-            batch = [data[rng.randrange(len(data))] for _ in range(cfg.train_batch_size)]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            # The batch's gradient in length-sorted micro-batches, each padded to its own longest example:
-            # the same mean over the batch's response tokens (num_items_in_batch), half the padded compute.
-            n_tokens = sum(len(ids) - start for ids, start in batch)
-            ordered = sorted(batch, key=lambda x: len(x[0]))
-            size = -(-len(ordered) // MICRO_BATCHES)
-            for chunk in (ordered[i: i + size] for i in range(0, len(ordered), size)):
-                input_ids, attn, labels = _pad(chunk, pad)
-                model(input_ids=input_ids, attention_mask=attn, labels=labels,
-                      num_items_in_batch=n_tokens).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            advance()
+    helper, slots = _start_helper(model, cfg.train_steps * cfg.train_batch_size)
+    shared_steps = 0
+    try:
+        with progress("TinyWorld policy: pre-training", cfg.train_steps) as advance:
+            for step in range(cfg.train_steps):
+                batch = [data[rng.randrange(len(data))] for _ in range(cfg.train_batch_size)]
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                # The batch's gradient in length-sorted micro-batches, each padded to its own longest example:
+                # the same mean over the batch's response tokens (num_items_in_batch), half the padded compute.
+                n_tokens = sum(len(ids) - start for ids, start in batch)
+                ordered = sorted(batch, key=lambda x: len(x[0]))
+                size = -(-len(ordered) // MICRO_BATCHES)
+                chunks = [ordered[i: i + size] for i in range(0, len(ordered), size)]
+                helper, shared = _step_grads(model, chunks, pad, n_tokens, helper, slots)
+                shared_steps += shared
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                advance()
+    finally:
+        if helper is not None:
+            helper.stop()
+    if shared_steps:
+        log(f"TinyWorld policy: a helper process computed half the micro-batches of {shared_steps} of "
+            f"{cfg.train_steps} steps")
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
