@@ -26,6 +26,10 @@ The fork server's start (about 10 s of imports, once per process) is hidden behi
 that trains long enough: by default jobs run at once when the largest has at least ``MIN_WORK`` pairs x
 epochs (TinyWorld's RMs: 15,000-17,000; the tests' small world: a few hundred).
 ``ITERATIVE_RLHF_AT_ONCE=0`` runs them one after the other in this process, ``=1`` at once whatever their size.
+
+:class:`Helper` is the same kind of worker for one loop: it takes a share of each step (TinyWorld's
+pre-training: half of each step's micro-batches, ``tinyworld/policy.py``), reading and writing tensors in
+shared memory, one message per step; if it dies, the loop goes on alone.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ ENV = "ITERATIVE_RLHF_AT_ONCE"
 #: Pairs x epochs of the largest job below which jobs run one after the other (unless ITERATIVE_RLHF_AT_ONCE=1).
 MIN_WORK = 4096
 #: What the fork server imports once, so that a worker starts in milliseconds.
-PRELOAD = ["torch", "transformers", "trl", "datasets", "accelerate", "iterative_rlhf.reward"]
+PRELOAD = ["iterative_rlhf._forkserver", "torch", "transformers", "trl", "datasets", "accelerate",
+           "iterative_rlhf.reward"]
 
 
 def _context():  # noqa: ANN202
@@ -76,7 +81,7 @@ def enabled(n_jobs: int, work: Sequence[float] = ()) -> bool:
     ``MIN_WORK``, or it is 1."""
     setting = os.environ.get(ENV, "").strip().lower()
     if setting not in ("", "0", "1"):
-        raise UserError(f"{ENV}={setting!r}: expected 1 (train reward models at once), 0 (one after the other), "
+        raise UserError(f"{ENV}={setting!r}: expected 1 (work at once in several processes), 0 (one process), "
                         "or nothing (at once where it pays, the default)")
     if setting == "0" or n_jobs < 2 or n_jobs > cores():
         return False
