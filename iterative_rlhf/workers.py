@@ -278,7 +278,8 @@ class Helper:
             code = self.process.exitcode if self.process is not None else None
             raise HelperGone(f"{self.name}: its worker process ended (exit status {code})") from e
         if kind == "error":
-            raise HelperGone(f"{self.name}: its worker process failed:\n{value}")
+            last = value.strip().splitlines()[-1] if value.strip() else "no traceback"
+            raise HelperGone(f"{self.name}: its worker process failed ({last})")
         return value
 
     def stop(self) -> None:

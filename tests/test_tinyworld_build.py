@@ -259,3 +259,37 @@ def test_pretraining_with_a_helper_trains_the_same_weights(tmp_path, monkeypatch
     assert len(lines) == 1
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("helped", "alone"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_two_cores
+def test_pretraining_goes_on_alone_when_no_helper_starts(tmp_path, monkeypatch):
+    """No fork server (or no shared memory) here: a one-line warning, and the training of one process."""
+    import torch
+    from safetensors.torch import load_file
+
+    from iterative_rlhf import console, workers
+    from iterative_rlhf.tinyworld import policy as P
+
+    cfg, corpus, _, _ = _tiny_policy()
+    warnings = []
+    monkeypatch.setattr(console, "warn", warnings.append)
+    monkeypatch.setenv("ITERATIVE_RLHF_AT_ONCE", "1")
+
+    def no_server():
+        raise OSError("no UNIX sockets here")
+
+    monkeypatch.setattr(workers, "_context", no_server)
+    P.train_policy(cfg, corpus, tmp_path / "no-server")
+    assert len(warnings) == 1 and "could not start a worker process (no UNIX sockets here)" in warnings[0]
+
+    def no_shm(self):
+        raise RuntimeError("unable to open shared memory object")
+
+    monkeypatch.setattr(torch.nn.Module, "share_memory", no_shm)
+    P.train_policy(cfg, corpus, tmp_path / "no-shm")
+    assert len(warnings) == 2 and "no shared memory for a helper process" in warnings[1]
+    monkeypatch.setenv("ITERATIVE_RLHF_AT_ONCE", "0")
+    P.train_policy(cfg, corpus, tmp_path / "alone")
+    assert len(warnings) == 2
+    a, b, c = (load_file(tmp_path / d / "model.safetensors") for d in ("no-server", "no-shm", "alone"))
+    assert all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in c)

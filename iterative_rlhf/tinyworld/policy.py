@@ -127,8 +127,16 @@ def _start_helper(model: LlamaForCausalLM, work: int) -> tuple[Any, list[list[to
 
     if not workers.enabled(2, [work]):
         return None, None
-    model.share_memory()  # the helper reads the weights this process updates
-    slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()] for _ in range(MICRO_BATCHES - 2)]
+    try:
+        model.share_memory()  # the helper reads the weights this process updates
+        slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()]
+                 for _ in range(MICRO_BATCHES - 2)]
+    except (RuntimeError, OSError) as e:  # no shared memory here (/dev/shm full or missing)
+        from ..console import warn
+
+        warn(f"TinyWorld policy pre-training: no shared memory for a helper process ({e}); training in this "
+             "process alone (the same weights, more slowly)")
+        return None, None
     helper = workers.Helper("TinyWorld policy pre-training", _grad_helper, model.config,
                             list(model.parameters()), slots)
     return helper, slots
@@ -142,6 +150,8 @@ def _step_grads(model: LlamaForCausalLM, chunks: list, pad: int, n_tokens: int, 
     Returns the helper (None once it is gone: this process then does all the work) and whether it took part."""
     from ..workers import HelperGone
 
+    if helper is not None and helper.error is not None:  # its worker could not start
+        helper = _lost(helper, HelperGone(f"{helper.name}: could not start a worker process ({helper.error})"))
     middle = chunks[1:-1]
     shared = helper is not None and helper.ready() and 0 < len(middle) <= len(slots)
     if shared:
