@@ -16,7 +16,7 @@ import pytest
 
 from iterative_rlhf import _quiet, console
 from iterative_rlhf.errors import DataError, UserError
-from iterative_rlhf.workers import at_once, enabled, small_checkpoint
+from iterative_rlhf.workers import Helper, HelperGone, at_once, enabled, small_checkpoint
 
 pytestmark = pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
                                 reason="needs a fork server")
@@ -67,6 +67,78 @@ def _fail_once_started(pid_file: str) -> None:
             break
         time.sleep(0.05)
     raise RuntimeError("here")
+
+
+def _doubler(conn, shared, pid_file: str = "") -> None:
+    """A helper's loop: writes its pid, then doubles ``shared`` in place on each message."""
+    if pid_file:
+        Path(pid_file + ".tmp").write_text(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
+    while (message := conn.recv()) is not None:
+        if message == "fail":
+            raise ValueError("cannot do that")
+        shared.mul_(2)
+        conn.send(("ok", float(shared.sum())))
+
+
+def _up(helper, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while not helper.ready():
+        assert helper.error is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return helper
+
+
+def test_a_helper_works_on_shared_tensors_step_by_step():
+    import torch
+
+    shared = torch.ones(4).share_memory_()
+    helper = _up(Helper("doubler", _doubler, shared))
+    try:
+        assert helper.process.pid != os.getpid()
+        for step in range(1, 4):
+            helper.send("go")
+            assert helper.answer() == 4 * 2**step
+            assert shared.tolist() == [2.0**step] * 4  # its in-place writes are seen here
+            shared.add_(0)  # and this process may write between steps
+        helper.send("fail")
+        with pytest.raises(HelperGone, match=r"doubler: its worker process failed \(ValueError: cannot do that\)"):
+            helper.answer()
+    finally:
+        helper.stop()
+    assert not helper.process.is_alive()
+
+
+def test_a_helper_dies_with_its_parent(tmp_path):
+    pid_file = tmp_path / "pid"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from iterative_rlhf.workers import Helper
+        from test_workers import _doubler
+        if __name__ == "__main__":
+            helper = Helper("doubler", _doubler, torch.ones(2).share_memory_(), {str(pid_file)!r})
+            time.sleep(600)
+    """)
+    (tmp_path / "campaign.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "campaign.py")], env=env)
+    try:
+        for _ in range(1200):
+            if pid_file.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        helper = int(pid_file.read_text())
+    finally:
+        proc.kill()
+        proc.wait()
+    for _ in range(200):
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(helper, signal.SIGKILL)
+    pytest.fail("the helper outlived its parent")
 
 
 def test_jobs_run_in_other_processes_and_return_in_order():
