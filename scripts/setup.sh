@@ -20,6 +20,7 @@ else
   pip install -q -e ".[cpu,quant,dev,tensorboard]"
   pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-python -c "import torch, transformers, trl, peft, vllm; from transformers import LlamaConfig" >/dev/null
+check='import torch, transformers, trl, peft, vllm; from transformers import LlamaConfig'
+python -c "$check" >/dev/null 2>&1 || python -c "$check"  # quiet unless it fails (then it says why)
 rm -f "$VENV"/.installed-*
 touch "$stamp"
