@@ -173,7 +173,9 @@ def _step_grads(model: LlamaForCausalLM, chunks: list, pad: int, n_tokens: int, 
         grads.append(last)
     for i, p in enumerate(model.parameters()):
         parts = [g[i] for g in grads if g[i] is not None]
-        total = parts[0] if parts else None
+        total = None
+        if parts:  # the sum goes into this process's own first tensor, never into a helper's slot
+            total = parts[0] if grads[0][i] is not None else parts[0].clone()
         for g in parts[1:]:
             total.add_(g)  # AccumulateGrad's ``grad += new`` in the same order
         p.grad = total
