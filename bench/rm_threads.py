@@ -1,5 +1,6 @@
 """Reward-model training on 1 vs 2 CPU threads, with spinning and with sleeping OpenMP threads, side by side.
 
+"Short spins" leaves the wait policy to libgomp with ``GOMP_SPINCOUNT=10000``: threads spin briefly, then sleep.
 Each setting also comes with batches of independent pairs (TRL's way) or of a few prompts' pairs, each
 distinct response scored once (``reward.<kind>.prompts_per_batch``).
 
@@ -27,6 +28,7 @@ SETTINGS = {  # name: (threads, OMP_WAIT_POLICY, reward.helpful.prompts_per_batc
     "1 thread": (1, "PASSIVE", 0),
     "2 threads, sleeping": (2, "PASSIVE", 0),
     "2 threads, spinning": (2, "ACTIVE", 0),
+    "2 threads, short spins": (2, "spin:10000", 0),  # libgomp's wait policy unset, GOMP_SPINCOUNT=10000
     "1 thread, 4 prompts per batch": (1, "PASSIVE", 4),
     "2 threads sleeping, 4 prompts": (2, "PASSIVE", 4),
 }
@@ -52,8 +54,13 @@ def worker(out: str, pairs: int, prompts_per_batch: int) -> None:
 
 
 def launch(threads: int, policy: str, out: Path, pairs: int, prompts_per_batch: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "ITERATIVE_RLHF_THREADS": str(threads), "OMP_WAIT_POLICY": policy,
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ITERATIVE_RLHF_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env.pop("GOMP_SPINCOUNT", None)
+    if policy.startswith("spin:"):  # spin that many times, then sleep
+        env.pop("OMP_WAIT_POLICY", None)
+        env["GOMP_SPINCOUNT"] = policy.removeprefix("spin:")
+    else:
+        env["OMP_WAIT_POLICY"] = policy
     env.pop("OMP_NUM_THREADS", None)  # small_model_threads leaves torch alone when it is set
     return subprocess.Popen([sys.executable, __file__, "--worker", str(out), "--pairs", str(pairs),
                              "--prompts-per-batch", str(prompts_per_batch)], env=env,
