@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from interleaved import interleave, same_weights, server_start, summary
 
 WAYS = {"alone": "0", "with a helper": "1"}
 
@@ -38,7 +36,6 @@ def worker(out: str, steps: int) -> None:
     from iterative_rlhf._quiet import cpu_threads
 
     cpu_threads()  # as the CLI: one torch thread, sleeping OpenMP threads, set before torch loads
-    from iterative_rlhf import workers
     from iterative_rlhf.config import TinyWorldConfig
     from iterative_rlhf.tinyworld.policy import train_policy
     from iterative_rlhf.tinyworld.world import get_prompts
@@ -48,32 +45,10 @@ def worker(out: str, steps: int) -> None:
     if steps:
         cfg = dataclasses.replace(cfg, train_steps=steps)
     corpus = write_corpus(get_prompts("all"), cfg.corpus_size, cfg.seed, cfg.writer_correct, cfg.harmful_comply)
-    start = 0.0
-    if os.environ["ITERATIVE_RLHF_AT_ONCE"] == "1":  # as in a campaign: the fork server is up by then
-        t0 = time.perf_counter()
-        workers.at_once([("a", int), ("b", int)])
-        start = time.perf_counter() - t0
+    start = server_start()  # as in a campaign: the fork server is up by then
     t0 = time.perf_counter()
     train_policy(cfg, corpus, Path(out))
     print(json.dumps({"seconds": time.perf_counter() - t0, "server_start_s": start}))
-
-
-def launch(setting: str, out: Path, steps: int) -> dict:
-    env = {**os.environ, "ITERATIVE_RLHF_AT_ONCE": setting, "HF_HUB_OFFLINE": "1", "ITERATIVE_RLHF_NO_PROGRESS": "1"}
-    for name in ("OMP_NUM_THREADS", "ITERATIVE_RLHF_THREADS"):  # the defaults decide the threads
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out), "--steps", str(steps)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"a training process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
 def main() -> None:
@@ -86,31 +61,11 @@ def main() -> None:
     if a.worker:
         worker(a.worker, a.steps)
         return
-    times: dict[str, list[float]] = {way: [] for way in WAYS}
-    starts: list[float] = []
     with tempfile.TemporaryDirectory(prefix="pretrain_helper.") as tmp:
         work = Path(tmp)
-        for r in range(a.repeats):
-            for way, setting in WAYS.items():
-                run = launch(setting, work / f"{setting}-{r}", a.steps)
-                times[way].append(run["seconds"])
-                if setting == "1":
-                    starts.append(run["server_start_s"])
-                print(f"{way}: {times[way][-1]:.1f} s", flush=True)
+        times, starts = interleave(__file__, WAYS, a.repeats, work, "--steps", str(a.steps))
         equal = all(same_weights(work / "0-0", work / f"{s}-{r}") for s in WAYS.values() for r in range(a.repeats))
-    medians = {way: statistics.median(t) for way, t in times.items()}
-    ratio = medians["alone"] / medians["with a helper"]
-    print(f"\nTinyWorld policy pre-training, {os.cpu_count()} cores, medians of {a.repeats}:")
-    for way, m in medians.items():
-        print(f"  {way:14} {m:7.1f} s")
-    print(f"  with a helper it is {ratio:.2f}x as fast; weights equal bit for bit: {equal}")
-    print(f"  (before that, the fork server's start: {statistics.median(starts):.1f} s, once per process)")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"cores": os.cpu_count(), "steps": a.steps or 1500, "seconds": times,
-                                           "median_s": {k: round(v, 2) for k, v in medians.items()},
-                                           "server_start_s": starts,
-                                           "speedup": round(ratio, 3), "same_weights": equal}, indent=2) + "\n")
+    summary("TinyWorld policy pre-training", times, starts, equal, a.out, {"steps": a.steps or 1500})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleaved import same_weights
+
 SETTINGS = {  # name: (threads, OMP_WAIT_POLICY, reward.helpful.prompts_per_batch)
     "1 thread": (1, "PASSIVE", 0),
     "2 threads, sleeping": (2, "PASSIVE", 0),
@@ -73,13 +75,6 @@ def seconds(proc: subprocess.Popen) -> float:
         raise SystemExit(f"a training process failed (exit {proc.returncode}); run it alone: python {__file__} "
                          "--worker DIR")
     return json.loads(stdout.strip().splitlines()[-1])["seconds"]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
 def main() -> None:

@@ -269,7 +269,7 @@ class Campaign:
         def outputs(kind: str) -> list[Path]:
             return [rm / kind, rm / f"{kind}.time.json"]
 
-        jobs, work = [], []
+        jobs = []
         for kind in ("helpful", "safety"):
             if self.manifest.done(f"rm/{kind}", outputs(kind)):
                 continue
@@ -281,14 +281,13 @@ class Campaign:
                 log(f"[green]done[/green] rm/{kind} ({time.time() - t:.1f} s)")
                 continue
             train_ds, _ = rm_datasets(self.recipe, kind, self.world)
-            jobs.append((kind, functools.partial(_train_timed, self.recipe, kind, rm / kind, self._rm_init(),
-                                                 train_ds, rm / f"{kind}.time.json")))
-            work.append(len(train_ds) * getattr(self.recipe.reward, kind).epochs)
+            jobs.append(_rm_job(self.recipe, kind, rm / kind, self._rm_init(), train_ds,
+                                time_file=rm / f"{kind}.time.json"))
 
         def done(kind: str, seconds: float) -> None:
             self.manifest.mark(f"rm/{kind}", outputs(kind))
             log(f"[green]done[/green] rm/{kind} ({seconds:.1f} s)")
-        self.train_at_once(jobs, [self._rm_init()], work, done)
+        self.train_at_once(jobs, done)
 
         def run_eval() -> None:
             evaluate_reward_models({"helpful": rm / "helpful", "safety": rm / "safety"},
@@ -296,17 +295,17 @@ class Campaign:
                                    threshold=self.recipe.scorer.threshold, world=self.world)
         self.stage("rm/eval", [rm / "eval" / "rm_eval.json"], run_eval)
 
-    def train_at_once(self, jobs: list[tuple[str, Callable[[], Any]]], inits: list[str], work: list[float],
+    def train_at_once(self, jobs: list[tuple[str, Callable[[], Any], str, float]],
                       done: Callable[[str, Any], None] | None = None) -> None:
-        """Train RMs (named jobs; ``work``: each one's pairs x epochs): at once, a process each, on a CPU machine
+        """Train RMs (``_rm_job``s: name, job, init, pairs x epochs): at once, a process each, on a CPU machine
         with a core per job, small models and enough work (``workers.enabled``); else one after the other.
         ``done(name, result)`` runs here as each ends."""
         from .workers import at_once, enabled, small_checkpoint
 
-        workers = enabled(len(jobs), work) and all(small_checkpoint(p) for p in inits)
+        workers = enabled(len(jobs), [w for *_, w in jobs]) and all(small_checkpoint(i) for _, _, i, _ in jobs)
         if workers:
-            log(f"training the {' and '.join(name for name, _ in jobs)} RMs at once, a process each")
-        at_once(jobs, workers=workers, done=done)
+            log(f"training the {' and '.join(name for name, *_ in jobs)} RMs at once, a process each")
+        at_once([(name, job) for name, job, *_ in jobs], workers=workers, done=done)
 
     def _rm_init(self) -> str:
         return self.base_path if self.recipe.reward.helpful.init == "policy" else self.recipe.reward.helpful.init
@@ -330,7 +329,7 @@ class Campaign:
         """
         import random
 
-        from .reward import rm_datasets, train_reward_model
+        from .reward import rm_datasets
         from .tinyworld.annotators import make_comparisons
         from .tinyworld.world import find_prompt
 
@@ -379,7 +378,7 @@ class Campaign:
             sec = dataclasses.replace(getattr(recipe.reward, kind), data=data, format="canonical",
                                       test_data=[str(self.world.comparisons(kind, "test"))], **changes)
             setattr(recipe.reward, kind, sec)
-        jobs, inits, work = [], [], []
+        jobs = []
         for kind in ("helpful", "safety"):
             if not n_new[kind]:
                 # Nothing new to learn from (e.g. no two distinct samples on any prompt of this kind).
@@ -390,11 +389,8 @@ class Campaign:
                 continue
             train_ds, _ = rm_datasets(recipe, kind, None)
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
-            jobs.append((kind, functools.partial(train_reward_model, recipe, kind, out / kind, init_path=init,
-                                                 train_ds=train_ds)))
-            inits.append(init)
-            work.append(len(train_ds) * getattr(recipe.reward, kind).epochs)
-        self.train_at_once(jobs, inits, work)
+            jobs.append(_rm_job(recipe, kind, out / kind, init, train_ds))
+        self.train_at_once(jobs)
 
     def annotation_files(self, k: int) -> dict[str, Path]:
         """Where people's comparisons of round k's pairs go (``reward.refresh_data``), per RM kind."""
@@ -442,7 +438,7 @@ class Campaign:
         import datasets
 
         from .preferences import load_preferences
-        from .reward import _OTHER, _comparisons, mix_for_kind, train_reward_model
+        from .reward import _OTHER, _comparisons, mix_for_kind
 
         rw = self.recipe.reward
         pairs = self.write_pairs(k, out)
@@ -497,7 +493,7 @@ class Campaign:
             replay = old.select(sorted(rng.sample(range(len(old)), n_replay)))
             return datasets.concatenate_datasets([replay, new])
 
-        jobs, inits, work = [], [], []
+        jobs = []
         for kind in ("helpful", "safety"):
             cfg = getattr(rw, kind)
             primary = parts(kind, cfg.margin)
@@ -513,11 +509,8 @@ class Campaign:
                 recipe = dataclasses.replace(recipe, reward=dataclasses.replace(
                     rw, **{kind: dataclasses.replace(cfg, epochs=rw.refresh_epochs)}))
             init = str(previous / kind) if rw.refresh_from == "previous" else self._rm_init()
-            jobs.append((kind, functools.partial(train_reward_model, recipe, kind, out / kind, init_path=init,
-                                                 train_ds=train_ds)))
-            inits.append(init)
-            work.append(len(train_ds) * getattr(recipe.reward, kind).epochs)
-        self.train_at_once(jobs, inits, work)
+            jobs.append(_rm_job(recipe, kind, out / kind, init, train_ds))
+        self.train_at_once(jobs)
 
     def new_batch(self, previous: Path, new_files: dict[str, Path], out: Path) -> None:
         """``out/new_batch.json``: the RMs before a refresh scored on (``reward.refresh_check`` of) its new
@@ -1030,14 +1023,23 @@ class Campaign:
         return reports.write_report(self.dir)
 
 
-def _train_timed(recipe: Recipe, kind: str, out: Path, init: str, train_ds: Any, time_file: Path) -> float:
-    """Train one RM and write its wall seconds to ``time_file`` (a module-level function: a worker runs it)."""
+def _rm_job(recipe: Recipe, kind: str, out: Path, init: str, train_ds: Any,
+            time_file: Path | None = None) -> tuple[str, Callable[[], Any], str, float]:
+    """One RM's training for :meth:`Campaign.train_at_once`: its name, the job (it pickles: a worker may run it),
+    its init and its pairs x epochs."""
+    work = len(train_ds) * getattr(recipe.reward, kind).epochs
+    return kind, functools.partial(_train_timed, recipe, kind, out, init, train_ds, time_file), init, work
+
+
+def _train_timed(recipe: Recipe, kind: str, out: Path, init: str, train_ds: Any, time_file: Path | None) -> float:
+    """Train one RM; returns its wall seconds, also written to ``time_file`` if given."""
     from .reward import train_reward_model
 
     t = time.time()
     train_reward_model(recipe, kind, out, init_path=init, train_ds=train_ds)
     seconds = time.time() - t
-    atomic_write_json(time_file, {"seconds": seconds})
+    if time_file is not None:
+        atomic_write_json(time_file, {"seconds": seconds})
     return seconds
 
 

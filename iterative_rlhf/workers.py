@@ -152,21 +152,13 @@ class _Worker:
 
     def __init__(self, name: str, job: Callable[[], Any]) -> None:
         self.name = name
-        ctx = _context()
-        self._recv, send = ctx.Pipe(duplex=False)
-        lifeline, self._lifeline = ctx.Pipe(duplex=False)  # only this process writes: EOF there when it dies
+        self._recv, send = _context().Pipe(duplex=False)  # EOF here when the worker exits
         self._outcome: tuple | None = None
-        self.process = ctx.Process(target=_run, args=(job, send, lifeline), name=f"iterative-rlhf {name}",
-                                   daemon=True)
         try:
-            self.process.start()
+            self.process, self._lifeline = _spawn(name, _run, send, job)
         except BaseException:
             self._recv.close()
-            self._lifeline.close()
             raise
-        finally:
-            send.close()  # the worker holds the other end: EOF here when it exits
-            lifeline.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -240,16 +232,12 @@ class Helper:
 
     def _start(self, target: Callable[..., None], args: tuple) -> None:
         try:
-            ctx = _context()
-            here, there = ctx.Pipe()
-            lifeline, keep = ctx.Pipe(duplex=False)
-            process = ctx.Process(target=_serve, args=(target, there, lifeline, args),
-                                  name=f"iterative-rlhf {self.name}", daemon=True)
+            here, there = _context().Pipe()
             try:
-                process.start()
-            finally:
-                there.close()
-                lifeline.close()
+                process, keep = _spawn(self.name, _serve, there, target, args)
+            except BaseException:
+                here.close()
+                raise
         except BaseException as e:  # noqa: BLE001 - no fork server: this process does all the work
             self.error = e
             return
@@ -302,15 +290,30 @@ class Helper:
         self._lifeline.close()
 
 
-def _serve(target: Callable[..., None], conn: Any, lifeline: Any, args: tuple) -> None:
-    """A helper's body: run ``target(conn, *args)``; an error goes back as ("error", traceback)."""
-    _die_with_parent(lifeline)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from ._quiet import cpu_threads
-
-    cpu_threads()  # the threads this process's loop has alone
-    become_worker()
+def _spawn(name: str, body: Callable[..., None], child_end: Any, *args: Any) -> tuple[Any, Any]:
+    """Start ``body(child_end, lifeline, *args)`` in a worker forked by the fork server; returns the process and
+    this side of its lifeline (only this process writes there: the worker reads EOF when this process dies).
+    ``child_end``, the worker's end of a pipe, is closed here once the worker holds it (or failed to start)."""
+    ctx = _context()
+    lifeline, keep = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=body, args=(child_end, lifeline, *args), name=f"iterative-rlhf {name}",
+                          daemon=True)
     try:
+        process.start()
+    except BaseException:
+        keep.close()
+        raise
+    finally:
+        child_end.close()
+        lifeline.close()
+    return process, keep
+
+
+def _serve(conn: Any, lifeline: Any, target: Callable[..., None], args: tuple) -> None:
+    """A helper's body: run ``target(conn, *args)``; an error goes back as ("error", traceback)."""
+    _tie_to_parent(lifeline)
+    try:
+        _as_the_cli()
         target(conn, *args)
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         try:
@@ -320,8 +323,9 @@ def _serve(target: Callable[..., None], conn: Any, lifeline: Any, args: tuple) -
     conn.close()
 
 
-def _die_with_parent(lifeline: Any) -> None:
-    """End this worker as soon as ``lifeline`` reads EOF: its parent, the only writer, has died."""
+def _tie_to_parent(lifeline: Any) -> None:
+    """End this worker as soon as ``lifeline`` reads EOF (its parent, the only writer, has died); leave Ctrl-C
+    to the parent, which stops the worker."""
     def wait() -> None:
         try:
             lifeline.recv()
@@ -330,19 +334,25 @@ def _die_with_parent(lifeline: Any) -> None:
         os._exit(1)
 
     threading.Thread(target=wait, daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run(job: Callable[[], Any], send: Any, lifeline: Any) -> None:
+def _as_the_cli() -> None:
+    """A worker's settings: the CLI's (one torch thread unless a stage asks for more, quiet libraries), and
+    a job can tell it runs beside others (an RM's train_summary.json says so)."""
+    from ._quiet import cpu_threads, quiet_libraries
+
+    cpu_threads()
+    quiet_libraries()
+    become_worker()
+
+
+def _run(send: Any, lifeline: Any, job: Callable[[], Any]) -> None:
     """A worker's body: forward output, run the job, send ("done", result) or ("error", exception, traceback)."""
-    _die_with_parent(lifeline)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the worker on Ctrl-C
+    _tie_to_parent(lifeline)
     console.forward_to(send.send)
     try:
-        from ._quiet import cpu_threads, quiet_libraries
-
-        cpu_threads()  # as the CLI: one torch thread unless a stage asks for more; quiet libraries
-        quiet_libraries()
-        become_worker()  # a job can tell it runs beside others (an RM's train_summary.json says so)
+        _as_the_cli()
         outcome: tuple = ("done", job())
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         text = traceback.format_exc()

@@ -29,6 +29,18 @@ def small_world_config():
                            samples_per_prompt=2)
 
 
+def helper_up(helper, timeout: float = 180.0):
+    """Wait until a ``workers.Helper``'s process takes work (the fork server may still be importing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not helper.ready():
+        assert helper.error is None, helper.error
+        assert time.monotonic() < deadline, "the helper process did not start"
+        time.sleep(0.05)
+    return helper
+
+
 @pytest.fixture(scope="session")
 def world_config():
     return small_world_config()

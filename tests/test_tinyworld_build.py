@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from dataclasses import replace
 
 import pytest
+from conftest import helper_up
 
 from iterative_rlhf.tinyworld.annotators import Annotator
 from iterative_rlhf.tinyworld.world import find_prompt, get_prompts
@@ -164,15 +164,6 @@ def _tiny_policy():
     return cfg, corpus, tok, P.build_model(cfg, tok)
 
 
-def _ready(helper, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while not helper.ready():
-        assert helper.error is None, helper.error
-        assert time.monotonic() < deadline, "the helper process did not start"
-        time.sleep(0.05)
-    return helper
-
-
 needs_two_cores = pytest.mark.skipif(
     "forkserver" not in __import__("multiprocessing").get_all_start_methods()
     or __import__("iterative_rlhf._quiet", fromlist=["cores"]).cores() < 2, reason="needs a fork server, 2 cores")
@@ -208,7 +199,7 @@ def test_pretraining_helper_gives_the_gradients_of_one_process_bit_for_bit(monke
 
     helper, slots = P._start_helper(model, 10**6)
     try:
-        _ready(helper)
+        helper_up(helper)
         assert helper.process.pid != os.getpid()
         for _ in range(4):
             parts, n = chunks()
@@ -246,7 +237,7 @@ def test_pretraining_with_a_helper_trains_the_same_weights(tmp_path, monkeypatch
 
     def started(model, work):  # wait for the helper, so that it takes part from the first step
         helper, slots = start(model, work)
-        return (helper if helper is None else _ready(helper)), slots
+        return (helper if helper is None else helper_up(helper)), slots
 
     monkeypatch.setattr(P, "_start_helper", started)
     lines = []

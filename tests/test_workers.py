@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import helper_up
 
 from iterative_rlhf import _quiet, console
 from iterative_rlhf.errors import DataError, UserError
@@ -81,19 +82,11 @@ def _doubler(conn, shared, pid_file: str = "") -> None:
         conn.send(("ok", float(shared.sum())))
 
 
-def _up(helper, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while not helper.ready():
-        assert helper.error is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    return helper
-
-
 def test_a_helper_works_on_shared_tensors_step_by_step():
     import torch
 
     shared = torch.ones(4).share_memory_()
-    helper = _up(Helper("doubler", _doubler, shared))
+    helper = helper_up(Helper("doubler", _doubler, shared))
     try:
         assert helper.process.pid != os.getpid()
         for step in range(1, 4):
@@ -109,36 +102,43 @@ def test_a_helper_works_on_shared_tensors_step_by_step():
     assert not helper.process.is_alive()
 
 
-def test_a_helper_dies_with_its_parent(tmp_path):
+def _dies_with_its_parent(tmp_path, main: str, what: str) -> None:
+    """Run ``main`` (the body of a script's ``__main__``; it starts a worker that writes its pid to ``{pid_file}``)
+    in a process, SIGKILL that process once the worker is up, and fail if the worker outlives it."""
     pid_file = tmp_path / "pid"
-    script = textwrap.dedent(f"""
-        import time, torch
-        from iterative_rlhf.workers import Helper
-        from test_workers import _doubler
+    script = textwrap.dedent("""
+        import functools, time, torch
+        from iterative_rlhf.workers import Helper, at_once
+        from test_workers import _doubler, _forever
         if __name__ == "__main__":
-            helper = Helper("doubler", _doubler, torch.ones(2).share_memory_(), {str(pid_file)!r})
-            time.sleep(600)
-    """)
+    """) + textwrap.indent(textwrap.dedent(main).format(pid_file=repr(str(pid_file))), "    ")
     (tmp_path / "campaign.py").write_text(script)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "campaign.py")], env=env)
     try:
-        for _ in range(1200):
+        for _ in range(1200):  # the fork server imports torch first
             if pid_file.exists() or proc.poll() is not None:
                 break
             time.sleep(0.05)
-        helper = int(pid_file.read_text())
+        worker = int(pid_file.read_text())
     finally:
         proc.kill()
         proc.wait()
     for _ in range(200):
         try:
-            os.kill(helper, 0)
+            os.kill(worker, 0)
         except ProcessLookupError:
             return
         time.sleep(0.05)
-    os.kill(helper, signal.SIGKILL)
-    pytest.fail("the helper outlived its parent")
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail(f"the {what} outlived its parent")
+
+
+def test_a_helper_dies_with_its_parent(tmp_path):
+    _dies_with_its_parent(tmp_path, """
+        helper = Helper("doubler", _doubler, torch.ones(2).share_memory_(), {pid_file})
+        time.sleep(600)
+    """, "helper")
 
 
 def test_jobs_run_in_other_processes_and_return_in_order():
@@ -191,35 +191,10 @@ def test_an_error_here_stops_the_workers(tmp_path):
 
 def test_a_worker_dies_with_its_parent(tmp_path):
     """A SIGKILLed campaign leaves no worker behind to write into its run directory."""
-    pid_file = tmp_path / "pid"
-    script = textwrap.dedent(f"""
-        import functools, time
-        from iterative_rlhf.workers import at_once
-        from test_workers import _forever
-        if __name__ == "__main__":
-            at_once([("main", functools.partial(time.sleep, 600)),
-                     ("worker", functools.partial(_forever, {str(pid_file)!r}))], workers=True)
-    """)
-    (tmp_path / "campaign.py").write_text(script)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "campaign.py")], env=env)
-    try:
-        for _ in range(1200):  # the fork server imports torch first
-            if pid_file.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        worker = int(pid_file.read_text())
-    finally:
-        proc.kill()
-        proc.wait()
-    for _ in range(200):
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(worker, signal.SIGKILL)
-    pytest.fail("the worker outlived its parent")
+    _dies_with_its_parent(tmp_path, """
+        at_once([("main", functools.partial(time.sleep, 600)),
+                 ("worker", functools.partial(_forever, {pid_file}))], workers=True)
+    """, "worker")
 
 
 def test_when_jobs_run_at_once(monkeypatch, tmp_path):
