@@ -27,9 +27,17 @@ def siblings() -> Iterator[None]:
         _SIBLINGS = before
 
 
+_WORKER = False
+
+
 def become_worker() -> None:
-    global _SIBLINGS
-    _SIBLINGS = True
+    global _SIBLINGS, _WORKER
+    _SIBLINGS = _WORKER = True
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker of :mod:`iterative_rlhf.workers` (it starts no helper of its own)."""
+    return _WORKER
 
 
 def sharing_cores() -> bool:

@@ -242,10 +242,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 ENVIRONMENT = """environment:
   ITERATIVE_RLHF_CACHE        where TinyWorld is built and cached (default ~/.cache/iterative-rlhf)
-  ITERATIVE_RLHF_THREADS      torch threads of small models on a CPU (default: 1; 2 for RM training)
+  ITERATIVE_RLHF_THREADS      torch threads of small models on a CPU (default: 1; 2 for RM training
+                              in one pass per step)
   ITERATIVE_RLHF_AT_ONCE      1: train the two RMs at once, a process each, and pre-train TinyWorld's
-                              policy with a helper process; 0: one process; unset: 1 on a CPU machine
-                              with 2+ cores when the work is big enough (the same weights either way)
+                              policy, and an RM with micro-batches, with a helper process; 0: one process;
+                              unset: 1 on a CPU machine with 2+ cores when the work is big enough (the
+                              same weights either way)
   ITERATIVE_RLHF_NO_PROGRESS  1: no progress bars (log lines only)"""
 
 

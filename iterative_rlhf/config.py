@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -30,8 +31,10 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" mirro
     return field(default=default, metadata={"help": help, **kw})
 
 
-def sub(cls: type) -> Any:
-    return field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().splitlines()[0]})
+def sub(cls: type, **defaults: Any) -> Any:
+    """A section (a dataclass field of type ``cls``), some of whose fields default otherwise here."""
+    return field(default_factory=functools.partial(cls, **defaults) if defaults else cls,
+                 metadata={"help": (cls.__doc__ or "").strip().splitlines()[0]})
 
 
 # --------------------------------------------------------------------------- sections
@@ -118,7 +121,7 @@ class RewardModelConfig:
     epochs: float = opt(2.0, "Epochs over the comparisons (Llama 2: 1, longer overfits; TinyWorld: 2).", gt=0.0)
     batch_size: int = opt(32, "Pairs per optimiser step (Llama 2: 512).", min=1)
     per_device_batch_size: int = opt(32, "Pairs per forward pass per device (gradient accumulation fills "
-                                     "batch_size).", min=1)
+                                     "batch_size; on a CPU a helper process computes some of them).", min=1)
     warmup_ratio: float = opt(0.03, "Warm-up share of the steps (at least 5 steps).", min=0.0, max=1.0)
     weight_decay: float = opt(0.1, "AdamW weight decay.", min=0.0)
     max_length: int = opt(128, "Tokens of prompt + response.", min=8)
@@ -142,7 +145,8 @@ class RewardModelConfig:
 class RewardConfig:
     """The two reward models and how their data is mixed (Llama 2 §3.2.2)."""
 
-    helpful: RewardModelConfig = sub(RewardModelConfig)
+    # Two micro-batches of 16 pairs per step: on a CPU a helper process computes one (reward._micro_batched).
+    helpful: RewardModelConfig = sub(RewardModelConfig, per_device_batch_size=16)
     safety: RewardModelConfig = sub(RewardModelConfig)
     safety_fraction: float = opt(0.9, "Safety RM data: share of safety comparisons (rest helpfulness).",
                                  gt=0.0, max=1.0)

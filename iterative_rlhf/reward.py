@@ -15,7 +15,10 @@ Scope, in the order the stage runs:
    AdamW, cosine to 10 % of the max learning rate, warm-up max(5 steps, 3 %),
    1 epoch, ``batch_size`` pairs per step by gradient accumulation. Optional LoRA
    and 4/8-bit loading (QLoRA). The result is a standalone checkpoint (LoRA
-   merged, tokenizer with chat template) plus ``train_log.jsonl``.
+   merged, tokenizer with chat template) plus ``train_log.jsonl``. On a CPU (one
+   process, float32) the accumulation over ``per_device_batch_size`` micro-batches
+   is done here (:func:`_micro_batched`), so that a helper process
+   (``workers.Helper``) can compute some of them: the same gradients bit for bit.
 3. :func:`evaluate_reward_models` reports accuracy per preference level on
    each test set, laid out like Llama 2 Table 8, score histograms, the safety
    RM's precision/recall at the gate threshold and, on TinyWorld, two ranking
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -360,6 +364,10 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
     if per_device * accum * world_size != cfg.batch_size:
         warn(f"{kind} RM: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size {per_device} x "
              f"{world_size} process(es); using {per_device * accum * world_size} pairs per step")
+    # One process on a CPU, plain float32 weights: the accumulation is done here, micro-batch by micro-batch
+    # (_micro_batched), so that a helper process can compute some of them (the same gradients bit for bit).
+    micro = accum > 1 and world_size == 1 and not torch.cuda.is_available() and not cfg.prompts_per_batch \
+        and not quantized and not cfg.lora.enabled and not bf16 and _float32(model)
     steps_per_epoch = math.ceil(math.ceil(len(train) / (per_device * world_size)) / accum)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = min(total_steps, max(5, math.ceil(cfg.warmup_ratio * total_steps)))  # Llama 2: 3 %, at least 5
@@ -374,8 +382,8 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         lr_scheduler_kwargs={"min_lr_rate": 0.1},  # Llama 2: cosine down to 10 % of the max
         warmup_steps=warmup,
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accum,
+        per_device_train_batch_size=per_device * accum if micro else per_device,
+        gradient_accumulation_steps=1 if micro else accum,
         optim="adamw_torch",
         weight_decay=cfg.weight_decay,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5,  # Llama 2 §2.2 AdamW (the RM section keeps them)
@@ -411,19 +419,31 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
                                 per_group=max(1, step_pairs // cfg.prompts_per_batch) if cfg.prompts_per_batch else 0)
     collator = SharedResponseCollator(tokenizer.pad_token_id) if cfg.prompts_per_batch else None
     at_once = sharing_cores()
+    helping = None
+    if micro:
+        helping = _MicroBatches(kind, per_device, _start_rm_helper(model, accum, total_steps * per_device * accum,
+                                                                   kind))
+        trainer_cls = _micro_batched(trainer_cls, helping)
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                           data_collator=collator,
                           callbacks=[_StopOnNonFinite(kind), _RichProgress(f"{kind} RM training")])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    # Micro-batches on one thread: a helper's, and the arithmetic is the same with it or without.
+    threads = 1 if micro else training_threads(bf16)
     t0 = time.perf_counter()
     try:
-        with small_model_threads(model, trainer.args.device, threads=training_threads(bf16)):
+        with small_model_threads(model, trainer.args.device, threads=threads):
             trainer.train()
     finally:
+        if helping is not None:
+            helping.stop()
         if report_to == ["none"] and trainer_dir.exists() and trainer.is_world_process_zero():
             shutil.rmtree(trainer_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
+    if helping is not None and helping.shared_steps:
+        log(f"{kind} RM: a helper process computed half the micro-batches of {helping.shared_steps} of "
+            f"{helping.steps} steps")
     if not trainer.is_world_process_zero():  # the main process saves; the others wait for it below
         trainer.accelerator.wait_for_everyone()
         return out_dir
@@ -439,6 +459,7 @@ def _train(recipe: Recipe, kind: str, out_dir: Path, init_path: str | Path | Non
         "lora": cfg.lora.enabled, "quantized": bool(quantized), "parameters": n_params, "processes": world_size,
         "prompts_per_batch": cfg.prompts_per_batch, "mixed_precision": "bf16" if bf16 else "none",
         "at_once": at_once,  # trained beside the other RM, a process each (workers.py)
+        "helper_steps": helping.shared_steps if helping is not None else 0,  # a helper process took part
     }
     final = trainer.model
     if quantized:
@@ -630,6 +651,153 @@ def _batching(trainer_cls: type, *, by_length: bool, groups: list[Any] | None = 
                                         num_items_in_batch=num_items_in_batch)
 
     return BatchingTrainer
+
+
+def _float32(model) -> bool:  # noqa: ANN001
+    return all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _pair_loss(model, part: dict[str, torch.Tensor], coef: float | None) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """TRL's reward loss of one micro-batch (its chosen sequences, then its rejected ones), weighted by its share
+    of the step's pairs; with the chosen and rejected rewards (detached)."""
+    out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False)
+    chosen, rejected = torch.chunk(out.logits.squeeze(-1), chunks=2)
+    diff = chosen - rejected - part["margin"] if "margin" in part else chosen - rejected
+    loss = -torch.nn.functional.logsigmoid(diff).mean()
+    if coef is not None:
+        loss += coef * torch.mean((chosen + rejected) ** 2)
+    return loss * float(part["weight"]), chosen.detach(), rejected.detach()
+
+
+def _micro_grads(model, part: dict[str, torch.Tensor], coef: float | None) -> tuple[list, tuple]:  # noqa: ANN001
+    """One micro-batch's gradients (a fresh tensor per parameter) and (loss, chosen, rejected)."""
+    model.zero_grad(set_to_none=True)
+    loss, chosen, rejected = _pair_loss(model, part, coef)
+    loss.backward()
+    return [p.grad for p in model.parameters()], (loss.detach(), chosen, rejected)
+
+
+def _pair_chunks(inputs: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """A batch from TRL's preference collator (every chosen sequence, then every rejected one, right-padded)
+    cut into micro-batches of ``size`` pairs, each trimmed to its longest sequence and weighted by its share of
+    the pairs, as the collator would have made them one by one."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    b = ids.shape[0] // 2
+    parts = []
+    for s in range(0, b, size):
+        e = min(s + size, b)
+        rows = torch.cat([torch.arange(s, e), torch.arange(b + s, b + e)])
+        m = mask[rows]
+        width = int(m.sum(1).max())
+        part = {"input_ids": ids[rows, :width], "attention_mask": m[:, :width], "weight": (e - s) / b}
+        if "margin" in inputs:
+            part["margin"] = inputs["margin"][s:e]
+        parts.append(part)
+    return parts
+
+
+def _rm_grad_helper(conn, model_cls: type, config, attn: str, params: list[torch.Tensor],  # noqa: ANN001
+                    slots: list[list[torch.Tensor]]) -> None:
+    """An RM's training helper (``workers.Helper``): the model's weights are ``params`` (shared with the trainer,
+    which updates them between steps); each message ``(parts, coef)`` asks for the gradients of ``parts``,
+    written into ``slots``; the answer is each part's (loss, chosen, rejected)."""
+    model = model_cls(config)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
+    for p, shared in zip(model.parameters(), params, strict=True):
+        p.data = shared
+    model.train()
+    while (message := conn.recv()) is not None:
+        parts, coef = message
+        extras = []
+        for part, slot in zip(parts, slots, strict=False):
+            part = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in part.items()}
+            grads, (loss, chosen, rejected) = _micro_grads(model, part, coef)
+            for out, g in zip(slot, grads, strict=True):
+                out.copy_(g)
+            extras.append((loss.item(), chosen.numpy(), rejected.numpy()))
+        conn.send(("ok", extras))
+
+
+def _start_rm_helper(model, micro: int, work: int, kind: str) -> tuple[Any, list] | tuple[None, None]:  # noqa: ANN001
+    """A helper process for some micro-batches of each step (the second of two; the middle ones of more), where
+    workers pay (``workers.enabled``) and this process is not itself a worker."""
+    from . import workers
+    from ._quiet import in_worker
+
+    if in_worker() or not workers.enabled(2, [work]):
+        return None, None
+    try:
+        model.share_memory()  # the helper reads the weights this process updates
+        slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()]
+                 for _ in range(1 if micro == 2 else micro - 2)]
+    except (RuntimeError, OSError) as e:  # no shared memory here (/dev/shm full or missing)
+        warn(f"{kind} RM: no shared memory for a helper process ({e}); training in this process alone (the same "
+             "weights, more slowly)")
+        return None, None
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    helper = workers.Helper(f"{kind} RM training", _rm_grad_helper, type(model), model.config, attn,
+                            list(model.parameters()), slots)
+    return helper, slots
+
+
+class _MicroBatches:
+    """The state of an RM training accumulated here micro-batch by micro-batch: its helper, and how many steps
+    the helper took part in."""
+
+    def __init__(self, kind: str, size: int, started: tuple[Any, list] | tuple[None, None]) -> None:
+        self.kind, self.size = kind, size
+        self.helper, self.slots = started
+        self.steps = self.shared_steps = 0
+
+    def stop(self) -> None:
+        if self.helper is not None:
+            self.helper.stop()
+            self.helper = None
+
+
+def _micro_batched(trainer_cls: type, state: _MicroBatches) -> type:
+    """``trainer_cls`` accumulating each step's gradient here, micro-batch by micro-batch
+    (``workers.step_grads``): the micro-batches' gradients summed in order as ``backward`` accumulates them,
+    some computed by a helper process when it is up and no other RM trains beside this one. TRL's loss and
+    metrics of the whole batch are logged as its ``compute_loss`` would."""
+
+    class MicroBatchTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+            from .workers import step_grads
+
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            parts = _pair_chunks(inputs, state.size)
+            coef = self.args.center_rewards_coefficient
+
+            def message(theirs: list[dict]) -> tuple:
+                return [{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+                        for part in theirs], coef
+
+            with self.compute_loss_context_manager():
+                state.helper, shared, extras = step_grads(
+                    list(self.model.parameters()), parts, lambda part: _micro_grads(self.model, part, coef),
+                    state.helper, state.slots or [], message, f"{state.kind} RM training")
+            state.steps += 1
+            state.shared_steps += shared
+            loss = torch.zeros((), dtype=torch.float32)
+            for value, *_ in extras:
+                loss = loss + torch.as_tensor(value, dtype=torch.float32)
+            chosen = torch.cat([torch.as_tensor(c) for _, c, _ in extras])
+            rejected = torch.cat([torch.as_tensor(r) for *_, r in extras])
+            self._total_train_tokens += int(inputs["attention_mask"].sum()) // getattr(self, "_tp_size", 1)
+            metrics = self._metrics["train"]
+            metrics["num_tokens"] = [self._total_train_tokens]
+            rewards = torch.cat([chosen, rejected])
+            metrics["min_reward"].append(rewards.min().item())
+            metrics["mean_reward"].append(rewards.mean().item())
+            metrics["max_reward"].append(rewards.max().item())
+            metrics["accuracy"].append((chosen > rejected).float().mean().item())
+            metrics["margin"].append((chosen - rejected).mean().item())
+            return loss.detach()
+
+    return MicroBatchTrainer
 
 
 def _float32_head(model) -> None:  # noqa: ANN001

@@ -27,9 +27,12 @@ that trains long enough: by default jobs run at once when the largest has at lea
 epochs (TinyWorld's RMs: 15,000-17,000; the tests' small world: a few hundred).
 ``ITERATIVE_RLHF_AT_ONCE=0`` runs them one after the other in this process, ``=1`` at once whatever their size.
 
-:class:`Helper` is the same kind of worker for one loop: it takes a share of each step (TinyWorld's
-pre-training: half of each step's micro-batches, ``tinyworld/policy.py``), reading and writing tensors in
-shared memory, one message per step; if it dies, the loop goes on alone.
+:class:`Helper` is the same kind of worker for one loop: it takes a share of each step (half of each step's
+micro-batches: TinyWorld's pre-training, ``tinyworld/policy.py``, and an RM trained in micro-batches,
+``reward._micro_batched``, through :func:`step_grads`), reading and writing tensors in shared memory, one
+message per step; if it dies, the loop goes on alone. It takes its share only while no :func:`at_once`
+worker runs beside this process (:func:`others_running`): the helpfulness RM's helper starts once the safety
+RM, trained beside it, is done.
 """
 
 from __future__ import annotations
@@ -147,6 +150,15 @@ def at_once(jobs: Sequence[tuple[str, Callable[[], Any]]], *, workers: bool | No
     return results
 
 
+_RUNNING: set[Any] = set()  # the at_once workers still running a job
+
+
+def others_running() -> bool:
+    """Whether an :func:`at_once` worker is still running its job beside this process (a :class:`Helper`
+    would then take a core it uses)."""
+    return bool(_RUNNING)
+
+
 class _Worker:
     """One job in a worker process; a thread here shows its forwarded output."""
 
@@ -159,6 +171,7 @@ class _Worker:
         except BaseException:
             self._recv.close()
             raise
+        _RUNNING.add(self)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -170,11 +183,15 @@ class _Worker:
                 return
             if event[0] in ("done", "error"):
                 self._outcome = event
+                _RUNNING.discard(self)
                 continue
             yield event
 
     def _read(self) -> None:
-        console.show(self._events())
+        try:
+            console.show(self._events())
+        finally:
+            _RUNNING.discard(self)
 
     def result(self) -> Any:
         self.process.join()
@@ -195,6 +212,7 @@ class _Worker:
         raise RuntimeError(f"{self.name} failed in its worker process:\n{text}")
 
     def stop(self) -> None:
+        _RUNNING.discard(self)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(10)
@@ -204,6 +222,59 @@ class _Worker:
         self._reader.join(5)
         self._recv.close()
         self._lifeline.close()
+
+
+def step_grads(params: Sequence[Any], chunks: Sequence[Any], grads_of: Callable[[Any], tuple[list, Any]],
+               helper: Helper | None, slots: Sequence[Sequence[Any]], message: Callable[[list], Any],
+               what: str) -> tuple[Helper | None, bool, list]:
+    """Set each of ``params``' ``.grad`` to the sum, in order, of the ``chunks``' gradients, exactly as
+    ``backward`` accumulates them one micro-batch after the other.
+
+    ``grads_of(chunk)`` computes one chunk's gradients here: a fresh tensor (or None) per parameter, and an
+    extra value (its loss, ...). With a ready ``helper`` and no :func:`at_once` worker running beside this
+    process, the helper computes the middle chunks (the second, with two), each into a slot of ``slots``, from
+    ``message(chunks)``, and answers with their extras; this process computes the others meanwhile. The sum, and
+    so every bit of the step, is the same either way. Returns the helper (None once it is gone: this process
+    then does all the work, after a warning naming ``what``), whether it took part, and the chunks' extras.
+    """
+    if helper is not None and helper.error is not None:  # its worker could not start
+        helper = _lost(helper, HelperGone(f"{helper.name}: could not start a worker process ({helper.error})"),
+                       what)
+    n = len(chunks)
+    mine = [0, n - 1] if n > 2 else [0]
+    theirs = [i for i in range(n) if i not in mine]
+    shared = (helper is not None and helper.ready() and 0 < len(theirs) <= len(slots)
+              and not others_running())
+    if shared:
+        try:
+            helper.send(message([chunks[i] for i in theirs]))
+        except HelperGone as e:
+            helper, shared = _lost(helper, e, what), False
+    got = {i: grads_of(chunks[i]) for i in mine}
+    if shared:
+        try:
+            extras = helper.answer()
+            got.update({i: (list(slots[j]), extras[j]) for j, i in enumerate(theirs)})
+        except HelperGone as e:
+            helper, shared = _lost(helper, e, what), False
+    if not shared:
+        got.update({i: grads_of(chunks[i]) for i in theirs})
+    grads = [got[i][0] for i in range(n)]
+    for k, p in enumerate(params):
+        parts = [g[k] for g in grads if g[k] is not None]
+        total = None
+        if parts:  # the sum goes into this process's own first tensor, never into a helper's slot
+            total = parts[0] if grads[0][k] is not None else parts[0].clone()
+        for g in parts[1:]:
+            total.add_(g)  # AccumulateGrad's ``grad += new`` in the same order
+        p.grad = total
+    return helper, shared, [got[i][1] for i in range(n)]
+
+
+def _lost(helper: Helper, error: Exception, what: str) -> None:
+    console.warn(f"{error}; {what} goes on in this process alone (the same weights, more slowly)")
+    helper.stop()
+    return None
 
 
 class HelperGone(Exception):

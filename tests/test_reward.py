@@ -450,3 +450,77 @@ def test_prompt_grouped_sampler_keeps_each_prompts_pairs_together():
     spread = [len({groups[i] for i in list(plain)[j:j + 16]}) for j in range(0, 460, 16)]
     assert sum(spread) / len(spread) > 8
     assert list(LengthBucketSampler(lengths, 16, 4, 1, groups=groups)) == list(plain)  # per_group 0: off
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods()
+                    or len(__import__("os").sched_getaffinity(0)) < 2, reason="needs a fork server and 2 cores")
+def test_micro_batches_with_a_helper_train_the_weights_of_one_process(tiny, tmp_path, monkeypatch):
+    """per_device_batch_size < batch_size on a CPU: each step's micro-batches are accumulated here, a helper process
+    computing the second; the weights and the logged loss and metrics are those of training alone, bit for bit,
+    and those of transformers' own gradient accumulation; a helper that dies mid-training leaves a warning."""
+    import os
+    import signal
+
+    from conftest import helper_up
+    from safetensors.torch import load_file
+
+    from iterative_rlhf import console
+    from iterative_rlhf import reward as R
+
+    path, _, _ = tiny
+    rows = [{"prompt": p, "chosen": c, "rejected": r, "level": lv, "margin": m, "source": "t", "is_safety": False}
+            for p, c, r, lv, m in PAIRS] * 8
+    recipe = load_recipe(None, overrides=[f"reward.helpful.{key}={v}" for key, v in
+                                          (("batch_size", 8), ("per_device_batch_size", 4), ("epochs", 3),
+                                           ("learning_rate", 0.01), ("group_by_length", False))])
+    start = R._start_rm_helper
+    helpers = []
+
+    def started(*args):  # wait for the helper, so that it takes part from the first step
+        helper, slots = start(*args)
+        helpers.append(helper)
+        return (helper if helper is None else helper_up(helper)), slots
+
+    monkeypatch.setattr(R, "_start_rm_helper", started)
+    lines, warnings = [], []
+    monkeypatch.setattr(R, "log", lambda line: lines.append(line))
+    monkeypatch.setattr(console, "warn", warnings.append)
+
+    def train(name: str, at_once: str, kill_at: int | None = None):
+        monkeypatch.setenv("ITERATIVE_RLHF_AT_ONCE", at_once)
+        step, calls = R._micro_grads, []
+
+        def killing(model, part, coef):  # this process's micro-batches; the helper's process dies at one
+            calls.append(1)
+            if len(calls) == kill_at:
+                os.kill(helpers[-1].process.pid, signal.SIGKILL)
+                helpers[-1].process.join(10)
+            return step(model, part, coef)
+
+        if kill_at is not None:
+            monkeypatch.setattr(R, "_micro_grads", killing)
+        out = R.train_reward_model(recipe, "helpful", tmp_path / name, init_path=path,
+                                   train_ds=datasets.Dataset.from_list(rows))
+        monkeypatch.setattr(R, "_micro_grads", step)
+        return load_file(out / "model.safetensors"), [json.loads(x) for x in (out / "train_log.jsonl").open()]
+
+    helped, helped_log = train("helped", "1")
+    assert "helpful RM: a helper process computed half the micro-batches of 12 of 12 steps" in lines
+    alone, alone_log = train("alone", "0")
+    assert a_equals_b(helped, alone)
+    assert [{k: v for k, v in x.items() if "runtime" not in k and "per_second" not in k} for x in helped_log] == \
+        [{k: v for k, v in x.items() if "runtime" not in k and "per_second" not in k} for x in alone_log]
+    assert json.loads((tmp_path / "helped" / "train_summary.json").read_text())["helper_steps"] == 12
+    killed, _ = train("killed", "1", kill_at=6)
+    assert len(warnings) == 1 and "goes on in this process alone" in warnings[0], warnings
+    assert a_equals_b(killed, alone)
+
+    # transformers' gradient accumulation (one thread, the same micro-batches): the same weights.
+    monkeypatch.setattr(R, "_float32", lambda model: False)  # not accumulated here
+    monkeypatch.setenv("ITERATIVE_RLHF_THREADS", "1")
+    hf, _ = train("hf", "0")
+    assert a_equals_b(hf, alone)
+
+
+def a_equals_b(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

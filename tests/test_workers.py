@@ -248,3 +248,20 @@ def test_rm_report_time_counts_rms_trained_at_once_once(tmp_path):
     _add_rm_time(Path(tmp_path), 0, r0)
     _add_rm_time(Path(tmp_path), 1, r1)
     assert r0["times"]["rm"] == 30.0 and r1["times"]["rm"] == 36.0
+
+
+def _wait_alone(timeout: float = 60.0) -> tuple[bool, bool]:
+    from iterative_rlhf.workers import others_running
+
+    beside = others_running()
+    deadline = time.monotonic() + timeout
+    while others_running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return beside, others_running()
+
+
+def test_this_process_can_tell_when_its_workers_are_done():
+    """A Helper takes a core only once at_once's workers have ended (workers.step_grads asks others_running)."""
+    (beside, after), _ = at_once([("here", _wait_alone), ("there", functools.partial(_pid_and_threads, 1.0))],
+                                 workers=True)
+    assert beside and not after

@@ -118,7 +118,7 @@ def _grad_helper(conn, config: LlamaConfig, params: list[torch.Tensor],  # noqa:
         for chunk, slot in zip(chunks, slots, strict=False):
             for out, g in zip(slot, _micro_grads(model, chunk, pad, n_tokens), strict=True):
                 out.copy_(g)
-        conn.send(("ok", None))
+        conn.send(("ok", [None] * len(chunks)))
 
 
 def _start_helper(model: LlamaForCausalLM, work: int) -> tuple[Any, list[list[torch.Tensor]]] | tuple[None, None]:
@@ -145,49 +145,15 @@ def _start_helper(model: LlamaForCausalLM, work: int) -> tuple[Any, list[list[to
 def _step_grads(model: LlamaForCausalLM, chunks: list, pad: int, n_tokens: int, helper: Any,
                 slots: list[list[torch.Tensor]] | None) -> tuple[Any, bool]:
     """Set ``.grad`` to the batch's gradient: the micro-batches' gradients summed in order, exactly as
-    ``backward`` accumulates them one after the other. With a ready ``helper``, it computes the middle ones
-    while this process computes the first and the last; the sum, and so every bit of the step, is the same.
-    Returns the helper (None once it is gone: this process then does all the work) and whether it took part."""
-    from ..workers import HelperGone
+    ``backward`` accumulates them one after the other; with a ready ``helper``, it computes the middle ones
+    while this process computes the first and the last (``workers.step_grads``). Returns the helper (None once
+    it is gone) and whether it took part."""
+    from ..workers import step_grads
 
-    if helper is not None and helper.error is not None:  # its worker could not start
-        helper = _lost(helper, HelperGone(f"{helper.name}: could not start a worker process ({helper.error})"))
-    middle = chunks[1:-1]
-    shared = helper is not None and helper.ready() and 0 < len(middle) <= len(slots)
-    if shared:
-        try:
-            helper.send((middle, pad, n_tokens))
-        except HelperGone as e:
-            helper, shared = _lost(helper, e), False
-    grads = [_micro_grads(model, chunks[0], pad, n_tokens)]
-    if len(chunks) > 1:
-        last = _micro_grads(model, chunks[-1], pad, n_tokens)
-        if shared:
-            try:
-                helper.answer()
-                grads += slots[: len(middle)]
-            except HelperGone as e:
-                helper, shared = _lost(helper, e), False
-        if not shared:
-            grads += [_micro_grads(model, c, pad, n_tokens) for c in middle]
-        grads.append(last)
-    for i, p in enumerate(model.parameters()):
-        parts = [g[i] for g in grads if g[i] is not None]
-        total = None
-        if parts:  # the sum goes into this process's own first tensor, never into a helper's slot
-            total = parts[0] if grads[0][i] is not None else parts[0].clone()
-        for g in parts[1:]:
-            total.add_(g)  # AccumulateGrad's ``grad += new`` in the same order
-        p.grad = total
+    helper, shared, _ = step_grads(list(model.parameters()), chunks,
+                                   lambda chunk: (_micro_grads(model, chunk, pad, n_tokens), None),
+                                   helper, slots or [], lambda middle: (middle, pad, n_tokens), "pre-training")
     return helper, shared
-
-
-def _lost(helper: Any, error: Exception) -> None:
-    from ..console import warn
-
-    warn(f"{error}; pre-training goes on in this process alone (the same weights, more slowly)")
-    helper.stop()
-    return None
 
 
 def train_policy(cfg: TinyWorldConfig, pairs: list[tuple[Prompt, str]], out_dir: Path) -> LlamaForCausalLM:
