@@ -1,6 +1,6 @@
 """Shared by the benches that time one setting of ``ITERATIVE_RLHF_AT_ONCE`` against another, each run in a fresh
-process, the two ways interleaved (A B A B ...): ``rm_at_once.py``, ``pretrain_helper.py``. ``same_weights`` is
-also ``rm_threads.py``'s. Not a benchmark itself."""
+process, the two ways interleaved (A B A B ...): ``rm_at_once.py``, ``pretrain_helper.py``; ``rm_helper.py`` uses
+``launch``, and ``same_weights`` is also ``rm_threads.py``'s. Not a benchmark itself."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reward-model training with a helper process, against the default's one process, side by side.
+"""Reward-model training in micro-batches with a helper process, against one pass per step, side by side.
 
 With ``reward.<kind>.per_device_batch_size`` below ``batch_size`` on a CPU (one process, float32), each step's
 micro-batches are accumulated by the training itself (``reward._micro_batched``): their gradients summed in
@@ -9,12 +9,13 @@ of the same training alone bit for bit, and of transformers' own gradient accumu
 Trains the default TinyWorld helpfulness RM on its first ``--pairs`` train comparisons (one epoch) in a fresh
 process per run, three ways interleaved:
 
-* ``32 pairs per pass``: the default recipe (one forward and backward of 32 pairs, 2 sleeping threads);
-* ``2 x 16, alone``: ``per_device_batch_size=16``, ``ITERATIVE_RLHF_AT_ONCE=0`` (one thread);
-* ``2 x 16, helper``: the same with a helper process (the fork server started and waited for first, as a
-  campaign starts it at its beginning; its start is printed apart).
+* ``32 pairs per pass``: ``per_device_batch_size=32``, the default before (one forward and backward of 32
+  pairs, 2 sleeping threads);
+* ``2 x 16, alone``: ``per_device_batch_size=16`` (the default), ``ITERATIVE_RLHF_AT_ONCE=0`` (one thread);
+* ``2 x 16, helper``: the same with a helper process, the default on a CPU machine with 2+ cores (the fork
+  server started and waited for first, as a campaign starts it at its beginning; its start is printed apart).
 
-Prints each way's median seconds, the ratios to the default, and whether the two ``2 x 16`` ways' weights are
+Prints each way's median seconds, the ratios to one pass, and whether the two ``2 x 16`` ways' weights are
 equal bit for bit; ``--out`` also writes them as JSON.
 
     python bench/rm_helper.py --out bench/results/rm_helper_cpu.json
@@ -90,7 +91,7 @@ def main() -> None:
     base = medians["32 pairs per pass"]
     print(f"\nhelpfulness RM, {a.pairs} pairs, {os.cpu_count()} cores, medians of {a.repeats}:")
     for way, m in medians.items():
-        print(f"  {way:20} {m:7.1f} s  {base / m:5.2f}x the default's speed")
+        print(f"  {way:20} {m:7.1f} s  {base / m:5.2f}x as fast as one pass")
     print(f"  2 x 16 alone and with a helper: weights equal bit for bit: {equal}")
     print(f"  (before that, the fork server's start: {statistics.median(starts):.1f} s, once per process)")
     if a.out:
@@ -98,7 +99,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({
             "cores": os.cpu_count(), "pairs": a.pairs, "seconds": times,
             "median_s": {k: round(v, 2) for k, v in medians.items()},
-            "speed_vs_default": {k: round(base / v, 3) for k, v in medians.items()},
+            "speed_vs_one_pass": {k: round(base / v, 3) for k, v in medians.items()},
             "server_start_s": starts, "same_weights": equal}, indent=2) + "\n")
 
 
