@@ -696,49 +696,31 @@ def _pair_chunks(inputs: dict[str, Any], size: int) -> list[dict[str, Any]]:
     return parts
 
 
-def _rm_grad_helper(conn, model_cls: type, config, attn: str, params: list[torch.Tensor],  # noqa: ANN001
-                    slots: list[list[torch.Tensor]]) -> None:
-    """An RM's training helper (``workers.Helper``): the model's weights are ``params`` (shared with the trainer,
-    which updates them between steps); each message ``(parts, coef)`` asks for the gradients of ``parts``,
-    written into ``slots``; the answer is each part's (loss, chosen, rejected)."""
+def _rm_model(model_cls: type, config, attn: str):  # noqa: ANN001, ANN202
+    """In the helper process: an RM of ``model_cls`` with ``config`` and the trainer's attention."""
     model = model_cls(config)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn)
-    for p, shared in zip(model.parameters(), params, strict=True):
-        p.data = shared
-    model.train()
-    while (message := conn.recv()) is not None:
-        parts, coef = message
-        extras = []
-        for part, slot in zip(parts, slots, strict=False):
-            part = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in part.items()}
-            grads, (loss, chosen, rejected) = _micro_grads(model, part, coef)
-            for out, g in zip(slot, grads, strict=True):
-                out.copy_(g)
-            extras.append((loss.item(), chosen.numpy(), rejected.numpy()))
-        conn.send(("ok", extras))
+    return model
+
+
+def _helper_grads(model, part: dict[str, Any], coef: float | None) -> tuple[list, tuple]:  # noqa: ANN001
+    """In the helper process: one micro-batch's gradients (``workers.start_grad_helper``'s ``grads_of``), its
+    (loss, chosen, rejected) as plain values to send back."""
+    part = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in part.items()}
+    grads, (loss, chosen, rejected) = _micro_grads(model, part, coef)
+    return grads, (loss.item(), chosen.numpy(), rejected.numpy())
 
 
 def _start_rm_helper(model, micro: int, work: int, kind: str) -> tuple[Any, list] | tuple[None, None]:  # noqa: ANN001
-    """A helper process for some micro-batches of each step (the second of two; the middle ones of more), where
-    workers pay (``workers.enabled``) and this process is not itself a worker."""
-    from . import workers
-    from ._quiet import in_worker
+    """A helper process for some micro-batches of each step (the second of two; the middle ones of more)."""
+    import functools
 
-    if in_worker() or not workers.enabled(2, [work]):
-        return None, None
-    try:
-        model.share_memory()  # the helper reads the weights this process updates
-        slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()]
-                 for _ in range(1 if micro == 2 else micro - 2)]
-    except (RuntimeError, OSError) as e:  # no shared memory here (/dev/shm full or missing)
-        warn(f"{kind} RM: no shared memory for a helper process ({e}); training in this process alone (the same "
-             "weights, more slowly)")
-        return None, None
+    from .workers import start_grad_helper
+
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    helper = workers.Helper(f"{kind} RM training", _rm_grad_helper, type(model), model.config, attn,
-                            list(model.parameters()), slots)
-    return helper, slots
+    return start_grad_helper(f"{kind} RM training", model, micro, work,
+                             functools.partial(_rm_model, type(model), model.config, attn), _helper_grads)
 
 
 class _MicroBatches:

@@ -271,6 +271,49 @@ def step_grads(params: Sequence[Any], chunks: Sequence[Any], grads_of: Callable[
     return helper, shared, [got[i][1] for i in range(n)]
 
 
+def start_grad_helper(name: str, model: Any, chunks: int, work: float, build: Callable[[], Any],
+                      grads_of: Callable[..., tuple[list, Any]]) -> tuple[Helper, list] | tuple[None, None]:
+    """A :class:`Helper` for :func:`step_grads` over ``chunks`` micro-batches per step, and its slots, where
+    workers pay (:func:`enabled`, ``work`` = pairs or sequences x epochs) and this process is not itself a worker;
+    else ``(None, None)``. ``model``'s weights go to shared memory (the helper reads this process's updates);
+    the helper's own model is ``build()``, and it answers each message ``(chunks, *args)`` with
+    ``grads_of(model, chunk, *args)`` per chunk: its gradients into a slot, its extra value back. Without shared
+    memory: a one-line warning, and this process trains alone."""
+    from ._quiet import in_worker
+
+    if in_worker() or not enabled(2, [work]):
+        return None, None
+    try:
+        model.share_memory()
+        slots = [[p.new_zeros(p.shape).share_memory_() for p in model.parameters()]
+                 for _ in range(1 if chunks == 2 else chunks - 2)]
+    except (RuntimeError, OSError) as e:  # no shared memory here (/dev/shm full or missing)
+        console.warn(f"{name}: no shared memory for a helper process ({e}); training in this process alone (the "
+                     "same weights, more slowly)")
+        return None, None
+    return Helper(name, _serve_grads, build, list(model.parameters()), slots, grads_of), slots
+
+
+def _serve_grads(conn: Any, build: Callable[[], Any], params: list, slots: list[list],
+                 grads_of: Callable[..., tuple[list, Any]]) -> None:
+    """A :func:`start_grad_helper` helper's loop: its model's weights are ``params`` (shared with the trainer,
+    which updates them between steps); each message ``(chunks, *args)`` asks for the chunks' gradients, written
+    into ``slots``; the answer is each chunk's extra value."""
+    model = build()
+    for p, shared in zip(model.parameters(), params, strict=True):
+        p.data = shared
+    model.train()
+    while (message := conn.recv()) is not None:
+        chunks, *args = message
+        extras = []
+        for chunk, slot in zip(chunks, slots, strict=False):
+            grads, extra = grads_of(model, chunk, *args)
+            for out, g in zip(slot, grads, strict=True):
+                out.copy_(g)
+            extras.append(extra)
+        conn.send(("ok", extras))
+
+
 def _lost(helper: Helper, error: Exception, what: str) -> None:
     console.warn(f"{error}; {what} goes on in this process alone (the same weights, more slowly)")
     helper.stop()

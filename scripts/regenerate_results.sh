@@ -186,6 +186,8 @@ DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-see
           ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64 ablation-rm-prompts-per-batch8-b64-seed1
           ablation-rm-bf16 ablation-rm-bf16-seed1)
 DEFAULT5=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4)
+OLD5=(ablation-rm-per-device32 ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2
+      ablation-rm-per-device32-seed3 ablation-rm-per-device32-seed4)  # the default before: its own curve
 pick() {  # those of "$@" that this run regenerated
   local n
   for n in "$@"; do
@@ -194,11 +196,16 @@ pick() {  # those of "$@" that this run regenerated
 }
 mapfile -t deployed < <(pick "${DEPLOYED[@]}")
 mapfile -t default5 < <(pick "${DEFAULT5[@]}")
+mapfile -t old5 < <(pick "${OLD5[@]}")
 if [ ${#deployed[@]} -gt 0 ]; then
   "$BIN"/python scripts/precise_eval.py --temperature 0.6 --rounds "${deployed[@]}"
 fi
 if [ ${#default5[@]} -gt 0 ]; then
   for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${default5[@]}"; done
   "$BIN"/python scripts/temperature_curve.py  # results/precise-eval/temperature
+fi
+if [ ${#old5[@]} -gt 0 ]; then
+  for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${old5[@]}"; done
+  "$BIN"/python scripts/temperature_curve.py --group "helpfulness RM one pass of 32 pairs"
 fi
 "$BIN"/python scripts/results_table.py

@@ -104,42 +104,20 @@ def _micro_grads(model: LlamaForCausalLM, chunk: list[tuple[list[int], int]], pa
     return [p.grad for p in model.parameters()]
 
 
-def _grad_helper(conn, config: LlamaConfig, params: list[torch.Tensor],  # noqa: ANN001
-                 slots: list[list[torch.Tensor]]) -> None:
-    """The pre-training helper's loop (``workers.Helper``): the model's weights are ``params`` (shared with the
-    trainer, which updates them between steps); each message ``(chunks, pad, n_tokens)`` asks for the gradients
-    of ``chunks``, written into ``slots`` (one per chunk, shared too)."""
-    model = LlamaForCausalLM(config)
-    for p, shared in zip(model.parameters(), params, strict=True):
-        p.data = shared
-    model.train()
-    while (message := conn.recv()) is not None:
-        chunks, pad, n_tokens = message
-        for chunk, slot in zip(chunks, slots, strict=False):
-            for out, g in zip(slot, _micro_grads(model, chunk, pad, n_tokens), strict=True):
-                out.copy_(g)
-        conn.send(("ok", [None] * len(chunks)))
+def _helper_grads(model: LlamaForCausalLM, chunk: list[tuple[list[int], int]], pad: int,
+                  n_tokens: int) -> tuple[list[torch.Tensor | None], None]:
+    """In the helper process: one micro-batch's gradients (``workers.start_grad_helper``'s ``grads_of``)."""
+    return _micro_grads(model, chunk, pad, n_tokens), None
 
 
 def _start_helper(model: LlamaForCausalLM, work: int) -> tuple[Any, list[list[torch.Tensor]]] | tuple[None, None]:
     """A helper process for the middle micro-batches of each step, where workers pay (``workers.enabled``)."""
-    from .. import workers
+    import functools
 
-    if not workers.enabled(2, [work]):
-        return None, None
-    try:
-        model.share_memory()  # the helper reads the weights this process updates
-        slots = [[torch.zeros_like(p).share_memory_() for p in model.parameters()]
-                 for _ in range(MICRO_BATCHES - 2)]
-    except (RuntimeError, OSError) as e:  # no shared memory here (/dev/shm full or missing)
-        from ..console import warn
+    from ..workers import start_grad_helper
 
-        warn(f"TinyWorld policy pre-training: no shared memory for a helper process ({e}); training in this "
-             "process alone (the same weights, more slowly)")
-        return None, None
-    helper = workers.Helper("TinyWorld policy pre-training", _grad_helper, model.config,
-                            list(model.parameters()), slots)
-    return helper, slots
+    return start_grad_helper("TinyWorld policy pre-training", model, MICRO_BATCHES, work,
+                             functools.partial(LlamaForCausalLM, model.config), _helper_grads)
 
 
 def _step_grads(model: LlamaForCausalLM, chunks: list, pad: int, n_tokens: int, helper: Any,
