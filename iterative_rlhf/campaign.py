@@ -13,6 +13,8 @@ The run directory is self-describing and resumable at stage boundaries:
                              annotators, or people: pairs.jsonl to annotate, reward.refresh_data)
     DIR/vK/ppo_rm/           RMs refreshed again on the RS checkpoint's samples, for PPO
     DIR/vK/ppo/              PPO on top (metrics.jsonl, resumable state/, policy/)
+    DIR/vK/policy/           with campaign.merge < 1 (from round 2): the trained policy averaged with round
+                             K-1's, weight by weight (merge.json); the round's policy, where round K+1 samples
     DIR/vK/eval.json         the round's policy on the eval prompts, sampled at temperature 1.0 and as deployed
                              (campaign.deploy_temperature, also in each policy's generation_config.json)
     DIR/vK/metrics.jsonl     every training log of the round (RM refreshes, SFT, PPO), tagged by stage
@@ -547,7 +549,15 @@ class Campaign:
             f = self.dir / f"v{k}" / "select.json"
             if f.is_file() and json.loads(f.read_text())["kept"] == "previous":
                 return self.policy_of(k - 1)
-        return self.trained_policy(k)
+        return self.round_policy(k)
+
+    def merges(self, k: int) -> bool:
+        """Whether round k's policy is its trained one averaged with round k-1's (``campaign.merge`` < 1)."""
+        return self.recipe.campaign.merge < 1.0 and k >= 2
+
+    def round_policy(self, k: int) -> str:
+        """What round k made: its trained policy, or that averaged with round k-1's (``vK/policy``)."""
+        return str(self.dir / f"v{k}" / "policy") if self.merges(k) else self.trained_policy(k)
 
     def policy_name(self, policy: str) -> str:
         """A checkpoint as the reports name it: "base", or its path inside the run directory."""
@@ -582,6 +592,8 @@ class Campaign:
                 self.stage(f"v{k}/ppo_rm", [d / "ppo_rm" / "helpful", d / "ppo_rm" / "safety",
                                             d / "ppo_rm" / "new_batch.json"], lambda: self.ppo_refresh(k))
             self.stage(f"v{k}/ppo", [d / "ppo" / "policy", d / "ppo.json"], lambda: self.ppo(k, ppo_start))
+        if self.merges(k):
+            self.stage(f"v{k}/merge", [d / "policy", d / "merge.json"], lambda: self.merge(k))
         if r.campaign.select == "best":
             self.stage(f"v{k}/select", [d / "select.json", d / "select_samples.jsonl"], lambda: self.select(k))
         self.stage(f"v{k}/eval", self.eval_outputs(k), lambda: self.evaluate(k))
@@ -779,15 +791,36 @@ class Campaign:
                                             "final": trained[-1] if trained else None,
                                             "seconds": time.time() - t})
 
+    def merge(self, k: int) -> None:
+        """``vK/policy`` = merge x round k's trained policy + (1 - merge) x round k-1's policy, weight by weight.
+
+        Every round fine-tunes from the same base (or from the round before), so the policies share one basin
+        and their average is a policy too (model soups; WARP's moving average of RLHF policies). On TinyWorld
+        the average answers like the better of the two more often than either alone, and a round that drew a
+        worse selection moves the campaign's policy half as far (results/README.md).
+        """
+        from .checkpoint import average_checkpoints, set_deploy_temperature
+
+        t = time.time()
+        d = self.dir / f"v{k}"
+        w = self.recipe.campaign.merge
+        trained, previous = self.trained_policy(k), self.policy_of(k - 1)
+        average_checkpoints(trained, previous, w, d / "policy")
+        set_deploy_temperature(d / "policy", self.recipe.campaign.deploy_temperature)
+        atomic_write_json(d / "merge.json", {"weight": w, "trained": self.policy_name(trained),
+                                             "previous": self.policy_name(previous), "seconds": time.time() - t})
+        log(f"v{k} merge: {w:g} x {self.policy_name(trained)} + {1 - w:g} x {self.policy_name(previous)}")
+
     def select(self, k: int) -> None:
-        """``campaign.select=best``: keep round k's trained policy or the previous round's, by the latest RMs.
+        """``campaign.select=best``: keep round k's policy (what it trained, or that averaged with round k-1's by
+        ``campaign.merge``) or the previous round's, by the latest RMs.
 
         Both policies sample ``campaign.select_samples`` responses per held-out
         prompt (prompts no stage trains on) at temperature 1.0, as the evaluation
         does; the round's latest RMs score them, and each policy's score is its mean
         gated R_c (in [0, 1], before LOGIT and whitening: the share of its responses
         the RMs judge good, closer to a 0/1 judge than a mean of logits that a few
-        extreme responses move). The trained policy is kept unless the previous one
+        extreme responses move). The round's policy is kept unless the previous one
         scores higher. The previous policy's samples are reused from round k-1's
         selection when it drew them (only their scores change with the RMs).
         Writes ``vK/select.json`` and ``vK/select_samples.jsonl``.
@@ -803,7 +836,7 @@ class Campaign:
             raise UserError("campaign.select=best: no held-out prompts to compare the policies on (1 in 8 train "
                             "prompts by hash; campaign.prompts has too few); add train prompts or set "
                             "campaign.select=last")
-        policies = {"trained": self.trained_policy(k), "previous": self.policy_of(k - 1)}
+        policies = {"trained": self.round_policy(k), "previous": self.policy_of(k - 1)}
         names = {which: self.policy_name(p) for which, p in policies.items()}
         earlier = self.dir / f"v{k - 1}" / "select_samples.jsonl"
         reuse = [x for x in read_jsonl(earlier) if x["policy"] == names["previous"]] if earlier.is_file() else []
@@ -940,7 +973,7 @@ class Campaign:
         """The stage results round k's report is made of: when one is made again (another version's evaluation),
         so is the report."""
         d = self.dir / f"v{k}"
-        return [d / name for name in ("eval.json", "rs.json", "ppo.json", "select.json")]
+        return [d / name for name in ("eval.json", "rs.json", "ppo.json", "select.json", "merge.json")]
 
     def round_report(self, k: int) -> None:
         d = self.dir / f"v{k}"
@@ -950,12 +983,14 @@ class Campaign:
             return json.loads(p.read_text()) if p.exists() and self._fresh(k, name) else None
 
         ev = load("eval.json") or {}
-        rs, ppo, sel = load("rs.json"), load("ppo.json"), load("select.json")
+        rs, ppo, sel, mrg = load("rs.json"), load("ppo.json"), load("select.json"), load("merge.json")
         times = {"rs_sample": (load("rs_sample.time.json") or {}).get("seconds"),
                  "rs_select": (rs or {}).get("seconds"), "sft": (load("sft.time.json") or {}).get("seconds"),
                  "ppo": (ppo or {}).get("seconds"), "eval": ev.get("seconds")}
         if sel:
             times["select"] = sel.get("seconds")
+        if mrg:
+            times["merge"] = mrg.get("seconds")
         report = {
             "round": k, "name": f"v{k}", "mode": self.recipe.campaign.mode, "scorer": self.recipe.scorer.kind,
             "temperature": self.rs_temperature(k) if k > 0 and self.runs_rs(k) else None,
@@ -966,6 +1001,7 @@ class Campaign:
             "selected_gold": (rs or {}).get("selected_gold"), "samples_gold": (rs or {}).get("samples_gold"),
             "ppo": {key: v for key, v in ppo.items() if key != "seconds"} if ppo else None,
             "select": {key: v for key, v in sel.items() if key != "seconds"} if sel else None,
+            "merge": {key: v for key, v in mrg.items() if key != "seconds"} if mrg else None,
             "times": times, "samples": ev.get("samples"),
             "rm_new_batch": {name: json.loads((d / name / "new_batch.json").read_text())
                              for name in ("rm", "ppo_rm") if (d / name / "new_batch.json").is_file()} or None,
@@ -1000,6 +1036,8 @@ class Campaign:
             return self.runs_ppo(k)
         if name == "select.json":
             return self.recipe.campaign.select == "best"
+        if name == "merge.json":
+            return self.merges(k)
         if name == "temperature.json":
             return self.runs_rs(k) and bool(self.recipe.rs.temperature_search)
         return True

@@ -9,7 +9,9 @@ tokenizer and chat template that transformers and vLLM load.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,75 @@ def set_deploy_temperature(path: str | Path, temperature: float) -> None:
     d = gen.to_diff_dict()
     d.pop("_from_model_config", None)  # now the checkpoint's own, not derived from config.json
     atomic_write_json(path / "generation_config.json", d)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it, for a single-file or sharded checkpoint."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json; average only checkpoints "
+                        "saved with safetensors (save_pretrained's default)")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def average_checkpoints(new: str | Path, old: str | Path, weight: float, out: str | Path) -> Path:
+    """``out`` = ``weight`` x ``new`` + (1 - ``weight``) x ``old``, weight by weight (atomic).
+
+    Both must be standalone checkpoints of one architecture (the same tensor names and shapes), as the rounds
+    of a campaign are. The average is taken in float32 and stored in ``new``'s dtypes, with ``new``'s shard
+    layout; integer tensors (buffers) and every other file (config, tokenizer, generation config) are
+    ``new``'s. Memory: one shard's tensors at a time (the other checkpoint is read through memory maps).
+    """
+    from safetensors import safe_open
+
+    new, old, out = Path(new), Path(old), Path(out)
+    if not 0.0 <= weight <= 1.0:
+        raise UserError(f"averaging {new} with {old}: weight {weight} is outside [0, 1]")
+    new_files, old_files = _weight_files(new), _weight_files(old)
+    missing = sorted(set(new_files) ^ set(old_files))
+    if missing:
+        raise UserError(f"averaging {new} with {old}: the checkpoints have different tensors ({len(missing)}, "
+                        f"e.g. {missing[0]}); both must be one architecture")
+    check_free_space(out.parent, sum(f.stat().st_size for f in set(new_files.values())) + (1 << 20),
+                     f"the averaged checkpoint {out}")
+    tmp = atomic_dir(out)
+    for item in new.iterdir():
+        if item.is_file() and not item.name.endswith(".safetensors"):
+            (tmp / item.name).write_bytes(item.read_bytes())
+    try:
+        with contextlib.ExitStack() as stack:
+            olds = {f: stack.enter_context(safe_open(f, "pt")) for f in set(old_files.values())}
+            for shard in sorted(set(new_files.values())):
+                _average_shard(shard, olds, old_files, weight, tmp / shard.name, new, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, out)
+    return out
+
+
+def _average_shard(shard: Path, olds: dict, old_files: dict[str, Path], weight: float, dest: Path, new: Path,
+                   old: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors = {}
+    with safe_open(shard, "pt") as fn:
+        metadata = fn.metadata()
+        for name in fn.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            a, b = fn.get_tensor(name), olds[old_files[name]].get_tensor(name)
+            if a.shape != b.shape:
+                raise UserError(f"averaging {new} with {old}: {name} has shape {tuple(a.shape)} in one and "
+                                f"{tuple(b.shape)} in the other; both must be one architecture")
+            if a.is_floating_point():
+                a = (weight * a.float() + (1.0 - weight) * b.float()).to(a.dtype)
+            tensors[name] = a.contiguous()
+    save_file(tensors, dest, metadata=metadata or {"format": "pt"})

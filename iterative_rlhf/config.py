@@ -323,11 +323,18 @@ class CampaignConfig:
         "them out of PPO only (rejection sampling, its fine-tuning and the RM refreshes use every train prompt), "
         "'rs+ppo' out of both.")
     select: Literal["last", "best"] = opt(
-        "last", "The policy each round ends with: 'last' = the one it trained (the RS checkpoint, or PPO's best "
-        "iteration on top); 'best' = that one or the previous round's, whichever the round's latest RMs give the "
+        "last", "The policy each round ends with: 'last' = the one it made (the RS checkpoint, or PPO's best "
+        "iteration on top; with campaign.merge < 1 its average with the previous round's policy); 'best' = "
+        "that one or the previous round's, whichever the round's latest RMs give the "
         "higher mean gated R_c on the held-out prompts (as Llama 2 picked each version's model by the latest "
         "RMs' reward), so that a round that regresses is not kept.")
     select_samples: int = opt(64, "Samples per held-out prompt and policy for campaign.select=best.", min=1)
+    merge: float = opt(
+        0.5, "Weight of the policy round k trains in the policy round k ends with, from round 2: that policy is "
+        "merge x trained + (1 - merge) x round k-1's policy, weight by weight (an exponential moving average of "
+        "the rounds' policies, as model soups and WARP average fine-tuned weights); the next round samples from "
+        "it and the report measures it. 1 = the trained policy alone (the default before 0.5; results/README.md).",
+        gt=0.0, max=1.0)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")
     report_to: list[str] = opt([], "Also log training metrics to 'tensorboard' and/or 'wandb'.")

@@ -695,6 +695,15 @@ def _round_sections(rounds: Sequence[dict]) -> list[_Section]:
         ], "campaign.select=best: the round's trained policy or the previous round's, whichever the round's latest "
            "RMs give the higher mean gated R_c (in [0, 1]) on the held-out train prompts; gold on the same "
            "samples (TinyWorld) for reference, not used.", drop_empty=True))
+    merged = [r for r in rounds if r.get("merge")]
+    if merged:
+        blocks.append(_rows_table(merged, [
+            ("policy", lambda r: r.get("policy"), "s"),
+            ("trained", lambda r: _get(r, "merge", "trained"), "s"),
+            ("weight", lambda r: _get(r, "merge", "weight"), ".2f"),
+            ("previous", lambda r: _get(r, "merge", "previous"), "s"),
+        ], "campaign.merge: each round's policy is the policy it trained times the weight plus the previous "
+           "round's policy times one minus it, weight by weight; the tables above measure that policy."))
     stages = list(_STAGES) + sorted({k for r in rounds for k in (r.get("times") or {}) if k not in _STAGES})
     time_cols = [(s, (lambda r, s=s: _get(r, "times", s)), ".1f") for s in stages]
     time_cols.append(("total", _total_time, ".1f"))

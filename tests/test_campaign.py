@@ -34,7 +34,7 @@ def small_args(world_config) -> list[str]:  # noqa: ANN001
         "rs.n=4", "rs.prompts=48", "campaign.eval_samples=1",
         "ppo.iterations=2", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.save_every=1", "ppo.eval_every=1",
         "sft.epochs=1", "reward.refresh=true", "reward.refresh_comparisons_per_prompt=4",
-        "campaign.ppo_from_round=1", "campaign.select=best", "campaign.select_samples=2",
+        "campaign.ppo_from_round=1", "campaign.select=best", "campaign.select_samples=2", "campaign.merge=0.5",
     ]
     out = []
     for item in tw + rest:
@@ -98,7 +98,7 @@ def reference_run(world, world_config, tmp_path_factory):
     return out
 
 
-def test_campaign_writes_a_self_describing_run_dir(reference_run):
+def test_campaign_writes_a_self_describing_run_dir(reference_run, world):
     d = reference_run
     for name in ("config.yaml", "manifest.json", "report.json", "report.md", "report.html"):
         assert (d / name).is_file(), name
@@ -135,6 +135,22 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
     assert all("loss" in r for r in rows if r["stage"] == "sft" and "train_runtime" not in r)
     v0_stages = {json.loads(line)["stage"] for line in (d / "v0" / "metrics.jsonl").read_text().splitlines()}
     assert v0_stages == {"rm/helpful", "rm/safety"}
+    # Round 2's policy is its PPO policy averaged with round 1's, weight by weight: what the reports measure.
+    import torch
+
+    merge = json.loads((d / "v2" / "merge.json").read_text())
+    assert merge["trained"] == "v2/ppo/policy" and merge["weight"] == 0.5 and v2["merge"]["previous"] == \
+        merge["previous"] and report["rounds"][1].get("merge") is None
+    # (campaign.select=best then weighs the average against the previous round's policy)
+    assert v2["select"]["trained"]["policy"] == "v2/policy" and v2["select"]["previous"]["policy"] == merge["previous"]
+    assert v2["policy"] == ("v2/policy" if v2["select"]["kept"] == "trained" else merge["previous"])
+    prev = world.policy if merge["previous"] == "base" else d / merge["previous"]  # round 1 kept the base or not
+    got = AutoModelForCausalLM.from_pretrained(d / "v2" / "policy").state_dict()
+    a = AutoModelForCausalLM.from_pretrained(d / "v2" / "ppo" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(prev).state_dict()
+    assert all(torch.equal(got[n], 0.5 * a[n] + 0.5 * b[n]) for n in got)
+    assert GenerationConfig.from_pretrained(d / "v2" / "policy").temperature == 0.6
+    assert "campaign.merge" in (d / "report.md").read_text()
     # The manifest records a hash per output.
     stages = json.loads((d / "manifest.json").read_text())["stages"]
     assert all(len(h) == 64 for s in stages.values() for h in s["outputs"].values())
@@ -181,7 +197,7 @@ def test_campaign_writes_a_self_describing_run_dir(reference_run):
         sel = json.loads((d / f"v{k}" / "select.json").read_text())
         higher = "previous" if sel["previous"]["reward"] > sel["trained"]["reward"] else "trained"
         assert sel["kept"] == higher and report["rounds"][k]["policy"] == sel["policy"] == sel[higher]["policy"]
-        assert sel["trained"]["policy"] == f"v{k}/ppo/policy"
+        assert sel["trained"]["policy"] == ("v2/policy" if k == 2 else "v1/ppo/policy")  # round 2's merged
         rows = [json.loads(x) for x in (d / f"v{k}" / "select_samples.jsonl").read_text().splitlines()]
         assert rows and all(held_out(r["prompt"]) for r in rows) and len(rows) == 2 * 2 * sel["prompts"]
     assert json.loads((d / "v1" / "select.json").read_text())["previous"]["policy"] == "base"
@@ -227,8 +243,8 @@ def test_select_best_keeps_the_previous_policy_when_the_trained_one_scores_lower
     (d / "v1" / "select.json").write_text(json.dumps(v1))
     campaign = Campaign(load_recipe(d / "config.yaml"), d)
     campaign.prepare()
-    trained = campaign.trained_policy
-    campaign.trained_policy = lambda k: campaign.base_path if k == 2 else trained(k)  # round 2 "trained" the base
+    made = campaign.round_policy
+    campaign.round_policy = lambda k: campaign.base_path if k == 2 else made(k)  # round 2 "made" the base
     campaign.select(2)
     sel = json.loads((d / "v2" / "select.json").read_text())
     assert sel["trained"]["policy"] == "base" and sel["previous"]["policy"] == "v1/ppo/policy"
