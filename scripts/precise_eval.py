@@ -50,7 +50,9 @@ SEEDS = {"default": DEFAULT,
              "ablation-sft-init-previous-e2-safety-weight3-seed2"),
          "the same, PPO's held-out prompts in RS": HELD_OUT_IN_RS,
          "default (seeds 3 and 4 added)": (*DEFAULT, "default-seed3", "default-seed4"),
-         "helpfulness RM one pass of 32 pairs": (  # the default before this version, seeds 0-4
+         "no merging of rounds": (  # the default before this version (campaign.merge=1), seeds 0-4
+             "ablation-merge-off", *(f"ablation-merge-off-seed{k}" for k in (1, 2, 3, 4))),
+         "helpfulness RM one pass of 32 pairs": (  # the default before that, seeds 0-4
              "ablation-rm-per-device32", *(f"ablation-rm-per-device32-seed{k}" for k in (1, 2, 3, 4))),
          "the same, PPO's held-out prompts in RS (seeds 3 and 4 added)": (
              *HELD_OUT_IN_RS, *(f"{HELD_OUT_IN_RS[0]}-seed{k}" for k in (3, 4))),

@@ -18,8 +18,12 @@ NOG="$PP --set reward.helpful.group_by_length=false --set reward.safety.group_by
 W50="--set tinyworld.writer_correct=0.50 --set tinyworld.harmful_comply=0.50"
 W56="--set tinyworld.writer_correct=0.56 --set tinyworld.harmful_comply=0.45"
 BF="--set reward.helpful.mixed_precision=bf16 --set reward.safety.mixed_precision=bf16"  # RM training under bf16 autocast
-# D1 = the default before this one: the helpfulness RM's 32 pairs per step in one forward pass (now two of 16).
-# Every folder below the default and its seeds was made on it; their commands pin it (as PP, NOG and P do).
+# M1 = the default before this one: each round's policy is the one it trained (campaign.merge=1; now the average
+# with the previous round's). Every folder below the default and its seeds was made without merging: the loop
+# below puts M1 first in their commands.
+M1="--set campaign.merge=1"
+# D1 = the default before that: the helpfulness RM's 32 pairs per step in one forward pass (now two of 16).
+# Every folder below ablation-merge-off* was made on it; their commands pin it (as PP, NOG and P do).
 D1="--set reward.helpful.per_device_batch_size=32"
 S2="--set sft.init=previous --set sft.epochs=2 --set sft.safety_weight=3"
 S="$S2 --set campaign.holdout_from=ppo"
@@ -29,6 +33,11 @@ declare -A RUNS=(
   [default-seed2]="--set seed=2"
   [default-seed3]="--set seed=3"
   [default-seed4]="--set seed=4"
+  [ablation-merge-off]=""
+  [ablation-merge-off-seed1]="--set seed=1"
+  [ablation-merge-off-seed2]="--set seed=2"
+  [ablation-merge-off-seed3]="--set seed=3"
+  [ablation-merge-off-seed4]="--set seed=4"
   [ablation-rm-per-device32]="$D1"
   [ablation-rm-per-device32-seed1]="$D1 --set seed=1"
   [ablation-rm-per-device32-seed2]="$D1 --set seed=2"
@@ -122,7 +131,9 @@ declare -A RUNS=(
   [ablation-safety-weight3-seed1]="$D1 $P --set sft.safety_weight=3 --set seed=1"
 )
 # The current default and the ablations on it first, then those on the previous default.
-ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-rm-per-device32
+ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-merge-off
+       ablation-merge-off-seed1 ablation-merge-off-seed2 ablation-merge-off-seed3 ablation-merge-off-seed4
+       ablation-rm-per-device32
        ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2 ablation-rm-per-device32-seed3
        ablation-rm-per-device32-seed4 ablation-mode-rs ablation-mode-ppo ablation-scorer-helpful
        ablation-scorer-safety ablation-pool-previous ablation-pool-previous-seed1 ablation-pool-previous-seed2
@@ -163,6 +174,7 @@ names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 for name in "${names[@]}"; do
   [ -v "RUNS[$name]" ] || { echo "unknown result: $name (one of: ${ORDER[*]})" >&2; exit 2; }
   args=${RUNS[$name]}
+  case $name in tinyworld-rs+ppo|default-seed*) ;; *) args="$M1${args:+ $args}" ;; esac  # made without merging
   force=(); [ "${FORCE:-0}" = 1 ] && force=(--force)
   # shellcheck disable=SC2086
   "$BIN"/iterative-rlhf round --n 5 --out "runs/$name" $args "${force[@]}"
@@ -179,15 +191,19 @@ set +f
 "$BIN"/python scripts/precise_eval.py "$@"  # the named campaigns (all by default); README from every JSON
 "$BIN"/python scripts/precise_eval.py --temperature 0.7 "$@"  # the same at 0.7 (results/precise-eval/t0.7)
 # As deployed (0.6, every round) and the default's temperature curve, for the campaigns measured there.
-DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-rm-per-device32
+DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-merge-off
+          ablation-merge-off-seed1 ablation-merge-off-seed2 ablation-merge-off-seed3 ablation-merge-off-seed4
+          ablation-rm-per-device32
           ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2 ablation-rm-per-device32-seed3
           ablation-rm-per-device32-seed4 ablation-no-refresh-before-ppo
           ablation-no-refresh-before-ppo-seed1 ablation-no-refresh-before-ppo-seed2 ablation-rm-prompts-per-batch4
           ablation-rm-prompts-per-batch4-seed1 ablation-rm-prompts-per-batch8-b64 ablation-rm-prompts-per-batch8-b64-seed1
           ablation-rm-bf16 ablation-rm-bf16-seed1)
 DEFAULT5=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4)
+NOMERGE5=(ablation-merge-off ablation-merge-off-seed1 ablation-merge-off-seed2 ablation-merge-off-seed3
+          ablation-merge-off-seed4)  # the default before: its own curve
 OLD5=(ablation-rm-per-device32 ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2
-      ablation-rm-per-device32-seed3 ablation-rm-per-device32-seed4)  # the default before: its own curve
+      ablation-rm-per-device32-seed3 ablation-rm-per-device32-seed4)  # the one before that: its own curve
 pick() {  # those of "$@" that this run regenerated
   local n
   for n in "$@"; do
@@ -196,6 +212,7 @@ pick() {  # those of "$@" that this run regenerated
 }
 mapfile -t deployed < <(pick "${DEPLOYED[@]}")
 mapfile -t default5 < <(pick "${DEFAULT5[@]}")
+mapfile -t nomerge5 < <(pick "${NOMERGE5[@]}")
 mapfile -t old5 < <(pick "${OLD5[@]}")
 if [ ${#deployed[@]} -gt 0 ]; then
   "$BIN"/python scripts/precise_eval.py --temperature 0.6 --rounds "${deployed[@]}"
@@ -203,6 +220,10 @@ fi
 if [ ${#default5[@]} -gt 0 ]; then
   for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${default5[@]}"; done
   "$BIN"/python scripts/temperature_curve.py  # results/precise-eval/temperature
+fi
+if [ ${#nomerge5[@]} -gt 0 ]; then
+  for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${nomerge5[@]}"; done
+  "$BIN"/python scripts/temperature_curve.py --group "no merging of rounds"
 fi
 if [ ${#old5[@]} -gt 0 ]; then
   for t in 0.5 0.8 0.9; do "$BIN"/python scripts/precise_eval.py --temperature $t "${old5[@]}"; done
