@@ -456,13 +456,14 @@ def test_a_campaign_on_the_users_own_data_with_people_annotating_each_round(worl
     report = json.loads((out / "report.json").read_text())
     v0, v1, v2 = report["rounds"]
     assert v2["eval"]["n_prompts"] == len(evals) and v2["eval"]["gold"] is None and v0["eval"]["gold"] is None
-    assert v2["policy"] == "v2/ppo/policy" and v2["selection"] and v2["ppo"]["history"] and v2["times"]["rm"] > 0
+    assert v2["policy"] == "v2/policy" and v2["merge"]["trained"] == "v2/ppo/policy"  # (campaign.merge=0.5)
+    assert v2["selection"] and v2["ppo"]["history"] and v2["times"]["rm"] > 0
     batch = v2["rm_new_batch"]["rm"]  # people's comparisons, scored by the RMs before the refresh
     assert batch["helpful"]["n"]["all"] == len(made["helpful"]) and batch["helpful"]["rm"] == "rm/helpful"
     assert v1["eval"]["kl_to_base"] > 0
     rm_eval = json.loads((out / "rm" / "eval" / "rm_eval.json").read_text())
     assert all(rm_eval["test_sets"][kind] > 0 for kind in ("helpful", "safety"))  # the held-out comparisons
-    AutoModelForCausalLM.from_pretrained(out / "v2" / "ppo" / "policy")
+    AutoModelForCausalLM.from_pretrained(out / "v2" / "policy")
 
 
 def test_rs_temperature_search_samples_at_the_best_of_n_winner(world, world_config, tmp_path):
