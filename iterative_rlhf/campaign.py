@@ -109,6 +109,36 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def load_run_recipe(path: Path) -> Recipe:
+    """A run directory's config.yaml, as the campaign that wrote it ran: fields that came after it take the value
+    that matches what it did, not today's default (``campaign.merge``: 1, no merging)."""
+    recipe = load_recipe(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "merge" not in (raw.get("campaign") or {}):
+        recipe.campaign.merge = 1.0
+    return recipe
+
+
+def _differences(old: Recipe | None, new: Recipe, most: int = 3) -> str:
+    """`` in KEY: A in the run, B now, ...`` for the first fields whose values differ (empty without ``old``)."""
+    if old is None:
+        return ""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ("campaign.rounds",
+                                                                                    "campaign.report_to")]
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in keys[:most])
+    return f" in {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
 def is_held_out(prompt: str) -> bool:
     """Whether a train prompt is one of the 1 in 8 (by SHA-256) that PPO holds out for its early stopping."""
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 8 == 0
@@ -137,13 +167,14 @@ class Campaign:
         fp = recipe_fingerprint(self.recipe)
         if cfg_path.exists():
             try:
-                old = load_recipe(cfg_path)
+                old = load_run_recipe(cfg_path)
             except UserError:
                 old = None
             if old is None or recipe_fingerprint(old) != fp:
                 if not force:
                     raise UserError(f"{self.dir}: this run directory was made by another recipe (config.yaml "
-                                    "differs); use another --out, or --force to start it again with this recipe")
+                                    f"differs{_differences(old, self.recipe)}); use another --out, or --force to "
+                                    "start it again with this recipe")
                 self._clear_outputs()
                 Manifest(self.dir).reset()
         atomic_write_text(cfg_path, self.recipe.to_yaml())

@@ -314,6 +314,24 @@ def test_foreign_recipe_is_refused(reference_run, world_config):
     assert main(args) == 2
 
 
+def test_a_run_made_before_rounds_were_merged_is_not_taken_for_todays_default(tmp_path):
+    """A run directory whose config.yaml predates campaign.merge did not merge: today's default (0.5) is another
+    recipe there, named in the refusal, and the same recipe with campaign.merge=1 continues it."""
+    from iterative_rlhf.campaign import Campaign
+    from iterative_rlhf.config import load_recipe
+    from iterative_rlhf.errors import UserError
+
+    d = tmp_path / "old"
+    d.mkdir()
+    text = load_recipe(None).to_yaml()
+    assert "  merge: 0.5\n" in text
+    (d / "config.yaml").write_text(text.replace("  merge: 0.5\n", ""))
+    with pytest.raises(UserError, match=r"differs in campaign\.merge: 1\.0 in the run, 0\.5 now\)"):
+        Campaign(load_recipe(None), d)
+    Campaign(load_recipe(None, ["campaign.merge=1"]), d)  # accepted, and the config now says so
+    assert load_recipe(d / "config.yaml").campaign.merge == 1.0
+
+
 def test_sigkill_at_random_points_then_resume_gives_the_same_report(reference_run, world_config, tmp_path):
     """Killed at several points, rerun: the report equals the uninterrupted run's. This campaign trains its two
     RMs at once (a worker process for the safety RM, workers.py), the reference one after the other: the
