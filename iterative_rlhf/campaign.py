@@ -826,9 +826,10 @@ class Campaign:
         """``vK/policy`` = merge x round k's trained policy + (1 - merge) x round k-1's policy, weight by weight.
 
         Every round fine-tunes from the same base (or from the round before), so the policies share one basin
-        and their average is a policy too (model soups; WARP's moving average of RLHF policies). On TinyWorld
-        the average answers like the better of the two more often than either alone, and a round that drew a
-        worse selection moves the campaign's policy half as far (results/README.md).
+        and their average is a policy too (model soups; WARP's moving average of RLHF policies). A round whose
+        selection taught the policy worse answers moves the campaign's policy half as far. On TinyWorld (five
+        seeds, as deployed) V5 gold went from 0.943 to 0.978 and no round fell more than 0.015 below the one
+        before (results/README.md).
         """
         from .checkpoint import average_checkpoints, set_deploy_temperature
 
