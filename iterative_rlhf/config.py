@@ -333,7 +333,8 @@ class CampaignConfig:
         0.5, "Weight of the policy round k trains in the policy round k ends with, from round 2: that policy is "
         "merge x trained + (1 - merge) x round k-1's policy, weight by weight (an exponential moving average of "
         "the rounds' policies, as model soups and WARP average fine-tuned weights); the next round samples from "
-        "it and the report measures it. 1 = the trained policy alone (the default before 0.5; results/README.md).",
+        "it and the report measures it. 1 = the trained policy alone (no averaging: the default before; "
+        "results/README.md compares them).",
         gt=0.0, max=1.0)
     prompts: str = opt("", "Train prompts (JSONL: prompt, is_safety); empty = the TinyWorld train split.")
     eval_prompts: str = opt("", "Eval prompts (JSONL: prompt, is_safety); empty = the TinyWorld eval split.")

@@ -50,6 +50,7 @@ SEEDS = {"default": DEFAULT,
              "ablation-sft-init-previous-e2-safety-weight3-seed2"),
          "the same, PPO's held-out prompts in RS": HELD_OUT_IN_RS,
          "default (seeds 3 and 4 added)": (*DEFAULT, "default-seed3", "default-seed4"),
+         "default, eight seeds (5-7 added)": (*DEFAULT, *(f"default-seed{k}" for k in range(3, 8))),
          "no merging of rounds": (  # the default before this version (campaign.merge=1), seeds 0-4
              "ablation-merge-off", *(f"ablation-merge-off-seed{k}" for k in (1, 2, 3, 4))),
          "helpfulness RM one pass of 32 pairs": (  # the default before that, seeds 0-4

@@ -33,6 +33,9 @@ declare -A RUNS=(
   [default-seed2]="--set seed=2"
   [default-seed3]="--set seed=3"
   [default-seed4]="--set seed=4"
+  [default-seed5]="--set seed=5"
+  [default-seed6]="--set seed=6"
+  [default-seed7]="--set seed=7"
   [ablation-merge-off]=""
   [ablation-merge-off-seed1]="--set seed=1"
   [ablation-merge-off-seed2]="--set seed=2"
@@ -131,7 +134,8 @@ declare -A RUNS=(
   [ablation-safety-weight3-seed1]="$D1 $P --set sft.safety_weight=3 --set seed=1"
 )
 # The current default and the ablations on it first, then those on the previous default.
-ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-merge-off
+ORDER=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 default-seed5 default-seed6
+       default-seed7 ablation-merge-off
        ablation-merge-off-seed1 ablation-merge-off-seed2 ablation-merge-off-seed3 ablation-merge-off-seed4
        ablation-rm-per-device32
        ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2 ablation-rm-per-device32-seed3
@@ -191,7 +195,8 @@ set +f
 "$BIN"/python scripts/precise_eval.py "$@"  # the named campaigns (all by default); README from every JSON
 "$BIN"/python scripts/precise_eval.py --temperature 0.7 "$@"  # the same at 0.7 (results/precise-eval/t0.7)
 # As deployed (0.6, every round) and the default's temperature curve, for the campaigns measured there.
-DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 ablation-merge-off
+DEPLOYED=(tinyworld-rs+ppo default-seed1 default-seed2 default-seed3 default-seed4 default-seed5 default-seed6
+          default-seed7 ablation-merge-off
           ablation-merge-off-seed1 ablation-merge-off-seed2 ablation-merge-off-seed3 ablation-merge-off-seed4
           ablation-rm-per-device32
           ablation-rm-per-device32-seed1 ablation-rm-per-device32-seed2 ablation-rm-per-device32-seed3
