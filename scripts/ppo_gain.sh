@@ -2,12 +2,12 @@
 # Gold of each round's RS checkpoint vs the same round after PPO, of the base policy near-greedy, and of V5 on the
 # train split, on TinyWorld.
 # usage: scripts/ppo_gain.sh [RUN_DIR]   (default runs/tinyworld-rs+ppo, made by scripts/regenerate_results.sh)
-# Writes results/tinyworld-rs+ppo/ppo_gain/*.json (one `iterative-rlhf tinyworld eval` each) and summary.md.
+# Writes results/NAME/ppo_gain/*.json (NAME: the run directory's name) (one `iterative-rlhf tinyworld eval` each) and summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 run=${1:-runs/tinyworld-rs+ppo}
-out=results/tinyworld-rs+ppo/ppo_gain
+out=results/$(basename "$run")/ppo_gain  # results/NAME/ppo_gain for runs/NAME
 mkdir -p "$out"
 for k in 1 2 3 4 5; do
   for stage in rs ppo; do
