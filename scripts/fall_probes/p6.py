@@ -1,8 +1,10 @@
 # ruff: noqa: E402, E501, E701, E702, UP031  (probe scripts, kept as they were run for results/README.md)
-import sys, json
+import sys
+
 ROOT = str(__import__('pathlib').Path(__file__).resolve().parents[2]); sys.path.insert(0, ROOT)
 from iterative_rlhf.config import load_recipe
 from iterative_rlhf.tinyworld.evaluate import evaluate_policy
+
 pre, a = sys.argv[1], sys.argv[2]
 for run in sys.argv[3:]:
     recipe = load_recipe(f'{ROOT}/results/{run}/config.yaml')
